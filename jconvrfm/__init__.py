@@ -1,0 +1,26 @@
+"""jconvrfm: the Convolutional Neural Feature Ansatz and (Deep) ConvRFM in JAX.
+
+This module only re-exports; implementations live in `jconvrfm._src`, one file per concept.
+`import jconvrfm` never imports TensorFlow (datasets live in `jconvrfm.data`, imported
+explicitly) and applies `third_party.nt_compat` before neural-tangents is imported.
+
+References:
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023.
+"""
+
+__version__ = '0.1.0'
+
+from jconvrfm._src.checks import Padding
+
+# --- patches, patch AGOP, CNFA measures -----------------------------------------------------
+# (jconvrfm/_src/patches.py, agop.py, cnfa.py)
+
+# --- kernels -------------------------------------------------------------------------------
+# (jconvrfm/_src/kernels/)
+
+# --- tiled kernel matrices -----------------------------------------------------------------
+# (jconvrfm/_src/tiling.py)
+
+# --- ConvRFM and Deep ConvRFM --------------------------------------------------------------
+# (jconvrfm/_src/convrfm.py, deep_convrfm.py)

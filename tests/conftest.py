@@ -1,0 +1,54 @@
+"""Shared test configuration.
+
+Four simulated CPU devices (for sharding tests) and float64 are enabled before jax is
+imported anywhere; tests that check float32 behaviour pass explicit dtypes.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+jax.config.update('jax_enable_x64', True)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir():
+  """`$JCONVRFM_SHARED_DATA`, else `../shared/data` beside the checkout; None if absent."""
+  env = os.environ.get('JCONVRFM_SHARED_DATA')
+  path = pathlib.Path(env) if env else REPO_ROOT.parent / 'shared' / 'data'
+  return path if path.is_dir() else None
+
+
+@pytest.fixture(scope='session')
+def shared_data():
+  """The offline dataset folder; skips the test cleanly where it is absent."""
+  path = shared_data_dir()
+  if path is None:
+    pytest.skip('shared data folder not found (set JCONVRFM_SHARED_DATA)')
+  return path
+
+
+@pytest.fixture(scope='session')
+def mnist_dir(shared_data):
+  path = shared_data / 'mnist'
+  if not path.is_dir():
+    pytest.skip('MNIST files not found in the shared data folder')
+  return path
+
+
+@pytest.fixture(scope='session')
+def tfds_cache_dir(tmp_path_factory):
+  """One tfds `data_dir` per test session (prepared datasets are cached there)."""
+  env = os.environ.get('JCONVRFM_TFDS_CACHE')
+  if env:
+    return pathlib.Path(env)
+  return tmp_path_factory.mktemp('tfds')
