@@ -15,6 +15,7 @@ from jconvrfm._src.checks import Padding
 
 # --- patches, patch AGOP, CNFA measures -----------------------------------------------------
 # (jconvrfm/_src/patches.py, agop.py, cnfa.py)
+from jconvrfm._src.patches import patches
 
 # --- kernels -------------------------------------------------------------------------------
 # (jconvrfm/_src/kernels/)
