@@ -15,6 +15,10 @@ from jconvrfm._src.checks import Padding
 
 # --- patches, patch AGOP, CNFA measures -----------------------------------------------------
 # (jconvrfm/_src/patches.py, agop.py, cnfa.py)
+from jconvrfm._src.cnfa import cnfm
+from jconvrfm._src.cnfa import correlation
+from jconvrfm._src.cnfa import matrix_power_psd
+from jconvrfm._src.cnfa import sqrt_psd
 from jconvrfm._src.patches import patches
 
 # --- kernels -------------------------------------------------------------------------------
