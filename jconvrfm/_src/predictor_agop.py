@@ -1,0 +1,314 @@
+"""Patch AGOP of a kernel predictor `f_c(z) = sum_i alpha_ic K(x_i, z)`, fast.
+
+The ConvRFM metric update needs
+
+  `G = (1/s) sum_z sum_c sum_p grad_{p_p(z)} f_c(z) grad_{p_p(z)} f_c(z)^T`   (d x d)
+
+where `p_p(z)` is the stride-1 q x q patch of `z` at position `p` (with the kernel's padding),
+taken as an independent variable and *untransformed* (the kernel sees `S p` with `M = S^2`),
+`c` runs over the classes and `z` over `s` sample images.
+
+Fast path (`predictor_agop_from_grams`). For a convolutional kernel whose first layer only sees
+patch inner products, `K(x_i, z)` depends on `z`'s patches only through
+`gram[i, p] = p_p(x_i)^T M p_p(z)` and `sq[p] = p_p(z)^T M p_p(z)`. Replicate `sq` per training
+image (`K_i` depends on its own copy only) and take ONE reverse pass of the scalar
+`sum_i K(x_i, z)` w.r.t. `(gram, sq_replicated)`: that gives `A[i, p] = dK_i / d gram[i, p]` and
+`B[i, p] = dK_i / d sq_i[p]` for all i at once. By the chain rule, for every class at once,
+
+  `grad_{p_p(z)} f_c = M v_{c,p}`,
+  `v_{c,p} = sum_i alpha_ic A[i, p] p_p(x_i) + 2 (sum_i alpha_ic B[i, p]) p_p(z)`,
+
+so `G = M (sum_{z,c,p} v v^T) M / s`. The cost is one kernel-sized backward pass over the
+(train x sample) pairs plus a contraction of `n * s * P * classes * d` multiply-adds; memory is
+bounded by chunking over sample images and training images (`block_elements`).
+
+Generic path (`predictor_agop_autodiff`): any kernel defined on explicit patch tensors (for
+example a neural-tangents stax kernel fed with expanded patch images), differentiated with
+`jax.jacrev` (all classes in one vectorised reverse pass), chunked in the same way. It is also
+the simple reference that the tests hold the fast path to.
+
+NaN gradients (e.g. a kernel whose derivative is singular at a zero patch) raise a `ValueError`;
+they are never zeroed.
+
+References:
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023 (ConvRFM, Algorithm 1, and the
+  patch AGOP of Section 2).
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from jconvrfm._src import checks
+from jconvrfm._src import patches as patches_lib
+
+# (gram12 (n1, n2, H', W'), sq1 (n1, H', W'), sq2 (n2, H', W')) -> (n1, n2)
+GramKernelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (patches1 (n1, H', W', d), patches2 (n2, H', W', d)) -> (n1, n2), patches already transformed
+PatchKernelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+DEFAULT_BLOCK_ELEMENTS = 2**22
+
+
+def _check_inputs(x_train, alpha, z, patch_size, padding, metric):
+  x_train = checks.check_nhwc(x_train, 'x_train')
+  z = checks.check_nhwc(z, 'z')
+  alpha = checks.check_array(alpha, 'alpha', 2, layout='(n_train, classes)')
+  if alpha.shape[0] != x_train.shape[0]:
+    raise ValueError(
+        f'`alpha` must have one row per training image ({x_train.shape[0]}), '
+        f'got shape {tuple(alpha.shape)}.')
+  if z.shape[1:] != x_train.shape[1:]:
+    raise ValueError(
+        f'`z` images must have the shape of the training images {tuple(x_train.shape[1:])}, '
+        f'got {tuple(z.shape[1:])}.')
+  q = checks.check_positive_int(patch_size, 'patch_size')
+  padding = checks.canonical_padding(padding)
+  d = q * q * x_train.shape[-1]
+  dtype = x_train.dtype
+  if metric is None:
+    metric = jnp.eye(d, dtype=dtype)
+  else:
+    metric = checks.check_symmetric_psd(metric, 'metric', d).astype(dtype)
+  return x_train, alpha.astype(dtype), z.astype(dtype), q, padding, metric
+
+
+def _check_result(g, what):
+  if not bool(jnp.all(jnp.isfinite(g))):
+    raise ValueError(
+        f'The {what} produced NaN or Inf gradients; the kernel is not differentiable at some '
+        'patch (e.g. a norm at a zero patch). Gradients are never zeroed silently: fix the '
+        'kernel (or its inputs) instead.')
+  return g
+
+
+def _block_sizes(n_train, n_z, positions, block_elements, train_block, z_block):
+  if train_block is None:
+    train_block = min(n_train, 256)
+  if z_block is None:
+    z_block = max(1, block_elements // max(1, train_block * positions))
+  return (min(checks.check_positive_int(train_block, 'train_block'), n_train),
+          min(checks.check_positive_int(z_block, 'z_block'), n_z))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: structure of kernels that see patches only through Gram entries.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _v_from_grams(kernel_from_grams: GramKernelFn, px: jax.Array, mpx: jax.Array,
+                  sqx: jax.Array, alpha: jax.Array, pz: jax.Array,
+                  metric: jax.Array) -> jax.Array:
+  """Contribution of one training chunk to `v` (b, H', W', classes, d) for one sample block.
+
+  Args:
+    kernel_from_grams: the kernel as a function of Gram entries.
+    px: `(m, H', W', d)` untransformed training patches; `mpx = px @ M`; `sqx` `(m, H', W')`.
+    alpha: `(m, classes)`.
+    pz: `(b, H', W', d)` untransformed sample patches.
+    metric: `(d, d)`.
+  """
+  mpz = pz @ metric
+  sqz = jnp.sum(mpz * pz, axis=-1)                       # (b, H', W')
+  gram = jnp.einsum('mhwd,bhwd->mbhw', mpx, pz)           # (m, b, H', W')
+  sq_rep = jnp.broadcast_to(sqz, gram.shape)              # one copy of sq(z) per train image
+
+  def total(gram, sq_rep):
+    def one_train_image(g_i, s1_i, s2_i):                 # (b,H,W), (H,W), (b,H,W) -> (b,)
+      return kernel_from_grams(g_i[None], s1_i[None], s2_i)[0]
+    return jnp.sum(jax.vmap(one_train_image)(gram, sqx, sq_rep))
+
+  a, b = jax.grad(total, argnums=(0, 1))(gram, sq_rep)    # (m, b, H', W') each
+  m, h, w, d = px.shape
+  classes = alpha.shape[1]
+  # sum_i alpha_ic A[i, p] p_p(x_i): one batched matmul per position over the train axis.
+  weighted = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
+      m, h, w, classes * d)
+  v = jnp.einsum('mbhw,mhwk->bhwk', a, weighted).reshape(-1, h, w, classes, d)
+  coef = jnp.einsum('mbhw,mc->bhwc', b, alpha)
+  return v + 2 * coef[..., None] * pz[:, :, :, None, :]
+
+
+@jax.jit
+def _outer_sum(v):
+  v = v.reshape(-1, v.shape[-1])
+  return v.T @ v
+
+
+def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
+                              x_train: jax.Array,
+                              alpha: jax.Array,
+                              z: jax.Array,
+                              *,
+                              patch_size: int,
+                              padding: Union[str, checks.Padding] = 'VALID',
+                              metric: Optional[jax.Array] = None,
+                              train_block: Optional[int] = None,
+                              z_block: Optional[int] = None,
+                              block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                              progress: Optional[Callable[[int], None]] = None) -> jax.Array:
+  """Patch AGOP of `f_c(z) = sum_i alpha_ic K(x_i, z)` for a Gram-based conv kernel, fast.
+
+  Args:
+    kernel_from_grams: `(gram12 (n1, n2, H', W'), sq1 (n1, H', W'), sq2 (n2, H', W')) ->
+      (n1, n2)` with `gram12[a, b, i, j] = p_ij(x1_a)^T M p_ij(x2_b)` and `sq` the squared
+      M-norms of the patches (e.g. `functools.partial(conv_kernel_from_grams, depth=...)`);
+      must be differentiable (finite gradients at zero patches). Pass the same function object
+      on every call to avoid recompiling (it is a static argument of a jitted function).
+      A kernel normalisation (e.g. division by `max K_train`) belongs in `alpha`.
+    x_train: `(n, H, W, C)` NHWC training images (the predictor's centres); its dtype is used.
+    alpha: `(n, classes)` predictor coefficients.
+    z: `(s, H, W, C)` sample images at which gradients are taken.
+    patch_size: q (stride-1 patches, `d = q*q*C` in Flax kernel order).
+    padding: the kernel's padding (VALID, SAME or CIRCULAR).
+    metric: `(d, d)` symmetric PSD patch metric `M` (identity if None).
+    train_block: training images per chunk (default min(n, 256)).
+    z_block: sample images per chunk (default: `block_elements // (train_block * H' * W')`).
+    block_elements: bound on `train_block * z_block * H' * W'`, the size of one Gram block
+      (the backward pass holds a few tens of arrays this size).
+    progress: optional callable called with the number of sample images finished per block.
+
+  Returns:
+    `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
+
+  Raises:
+    ValueError: bad shapes or a non-finite gradient.
+
+  >>> import jax.numpy as jnp
+  >>> def k(g, s1, s2):  # a linear kernel of the patches: K = sum_p p(x)^T M p(z)
+  ...   return jnp.sum(g, axis=(2, 3))
+  >>> x = jnp.ones((2, 4, 4, 1)); alpha = jnp.array([[1.], [1.]])
+  >>> g = predictor_agop_from_grams(k, x, alpha, x, patch_size=3)
+  >>> g.shape, float(g[0, 0])  # gradient 2 * ones(9) at each of 4 positions
+  ((9, 9), 16.0)
+  """
+  x_train, alpha, z, q, padding, metric = _check_inputs(
+      x_train, alpha, z, patch_size, padding, metric)
+  px = patches_lib.patches(x_train, q, padding=padding)
+  pz_all = patches_lib.patches(z, q, padding=padding)
+  n, h, w, _ = px.shape
+  s = pz_all.shape[0]
+  tb, zb = _block_sizes(n, s, h * w, block_elements, train_block, z_block)
+  mpx = px @ metric
+  sqx = jnp.sum(mpx * px, axis=-1)
+  acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
+  for z0 in range(0, s, zb):
+    pz = pz_all[z0:z0 + zb]
+    v = None
+    for t0 in range(0, n, tb):
+      part = _v_from_grams(kernel_from_grams, px[t0:t0 + tb], mpx[t0:t0 + tb],
+                           sqx[t0:t0 + tb], alpha[t0:t0 + tb], pz, metric)
+      v = part if v is None else v + part
+    acc = acc + _outer_sum(v)
+    if progress is not None:
+      progress(pz.shape[0])
+  g = metric @ acc @ metric / s
+  return _check_result(g, 'kernel predictor AGOP (fused path)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic path: any kernel of explicit patch tensors, by autodiff.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _grads_autodiff(patch_kernel_fn: PatchKernelFn, spx: jax.Array, alpha: jax.Array,
+                    pz: jax.Array, sqrt_metric: jax.Array) -> jax.Array:
+  """`(b, classes, H', W', d)` gradients of one train chunk's predictor w.r.t. untransformed pz.
+
+  The transform `p -> S p` is inside the differentiated function, so the chain rule's factor S
+  is already applied.
+  """
+
+  def f(pz_one):                                          # (H', W', d) -> (classes,)
+    k = patch_kernel_fn(spx, (pz_one @ sqrt_metric)[None])  # (m, 1)
+    return alpha.T @ k[:, 0]
+
+  return jax.vmap(jax.jacrev(f))(pz)
+
+
+def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
+                            x_train: jax.Array,
+                            alpha: jax.Array,
+                            z: jax.Array,
+                            *,
+                            patch_size: int,
+                            padding: Union[str, checks.Padding] = 'VALID',
+                            metric: Optional[jax.Array] = None,
+                            sqrt_metric: Optional[jax.Array] = None,
+                            train_block: Optional[int] = None,
+                            z_block: Optional[int] = None,
+                            block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                            progress: Optional[Callable[[int], None]] = None) -> jax.Array:
+  """Patch AGOP of `f_c(z) = sum_i alpha_ic K(S P(x_i), S P(z))` for any patch kernel.
+
+  The kernel sees transformed patches `S p` (`S = M^(1/2)`, symmetric); gradients are w.r.t. the
+  untransformed patches, `grad_p = S grad_{Sp}` (by differentiating through the transform). All classes are differentiated together with
+  `jax.jacrev`.
+
+  Args:
+    patch_kernel_fn: `(patches1 (n1, H', W', d), patches2 (n2, H', W', d)) -> (n1, n2)`, a
+      differentiable kernel of (transformed) patch tensors; pass the same function object on
+      every call to avoid recompiling.
+    x_train, alpha, z, patch_size, padding, metric, train_block, z_block, block_elements,
+      progress: as in `predictor_agop_from_grams`.
+    sqrt_metric: `(d, d)` symmetric `S` with `S^2 = M`; computed from `metric` by an
+      eigendecomposition (negative eigenvalues clipped) if None.
+
+  Returns:
+    `(d, d)` AGOP, dtype of `x_train`.
+
+  >>> import jax.numpy as jnp
+  >>> def k(p1, p2):  # linear kernel of the patches
+  ...   return jnp.einsum('ahwd,bhwd->ab', p1, p2)
+  >>> x = jnp.ones((2, 4, 4, 1)); alpha = jnp.array([[1.], [1.]])
+  >>> float(predictor_agop_autodiff(k, x, alpha, x, patch_size=3)[0, 0])
+  16.0
+  """
+  x_train, alpha, z, q, padding, metric = _check_inputs(
+      x_train, alpha, z, patch_size, padding, metric)
+  if sqrt_metric is None:
+    e, u = jnp.linalg.eigh(metric)
+    sqrt_metric = (u * jnp.sqrt(jnp.clip(e, 0, None))) @ u.T
+  else:
+    sqrt_metric = checks.check_symmetric_psd(sqrt_metric, 'sqrt_metric',
+                                             metric.shape[0]).astype(x_train.dtype)
+  px = patches_lib.patches(x_train, q, padding=padding)
+  pz_all = patches_lib.patches(z, q, padding=padding)
+  n, h, w, _ = px.shape
+  s = pz_all.shape[0]
+  tb, zb = _block_sizes(n, s, h * w, block_elements, train_block, z_block)
+  spx = px @ sqrt_metric
+  acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
+  for z0 in range(0, s, zb):
+    pz = pz_all[z0:z0 + zb]
+    grads = None
+    for t0 in range(0, n, tb):
+      part = _grads_autodiff(patch_kernel_fn, spx[t0:t0 + tb], alpha[t0:t0 + tb], pz,
+                             sqrt_metric)
+      grads = part if grads is None else grads + part
+    acc = acc + _outer_sum(grads)
+    if progress is not None:
+      progress(pz.shape[0])
+  return _check_result(acc / s, 'kernel predictor AGOP (autodiff path)')
+
+
+@dataclasses.dataclass(frozen=True)
+class GramKernelOnPatches:
+  """A Gram-based kernel as a kernel of explicit (transformed) patch tensors.
+
+  `K(P1, P2) = kernel_from_grams(<P1, P2>, |P1|^2, |P2|^2)` with inner products per position
+  (`P1` `(n1, H', W', d)`, `P2` `(n2, H', W', d)` -> `(n1, n2)`); feeding it to
+  `predictor_agop_autodiff` gives the reference for the fast path. Hashable by the wrapped
+  function, so jitted callers do not recompile for equal wrappers.
+  """
+  kernel_from_grams: GramKernelFn
+
+  def __call__(self, p1: jax.Array, p2: jax.Array) -> jax.Array:
+    gram = jnp.einsum('ahwd,bhwd->abhw', p1, p2)
+    return self.kernel_from_grams(gram, jnp.sum(p1 * p1, -1), jnp.sum(p2 * p2, -1))

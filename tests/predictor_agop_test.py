@@ -1,0 +1,133 @@
+"""Tests for jconvrfm._src.predictor_agop (patch AGOP of a kernel predictor)."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jconvrfm._src import patches as patches_lib
+from jconvrfm._src import predictor_agop as pa
+from tests import tolerances
+
+
+def toy_from_grams(gram, sq1, sq2):
+  """A nonlinear kernel of the Grams that mixes positions (smooth at zero patches)."""
+  dist = sq1[:, None] + sq2[None, :] - 2 * gram
+  k1 = jnp.exp(-dist / 4.0)
+  mixed = k1 * (1.0 + 0.5 * jnp.roll(gram, 1, axis=2)) * jnp.tanh(gram + 0.1)
+  return jnp.sum(mixed, axis=(2, 3)) + 0.3 * jnp.sum(k1 * jnp.roll(k1, 1, axis=3), axis=(2, 3))
+
+
+def brute_force_agop(kernel_from_grams, x, alpha, z, q, padding, metric):
+  """Per-class `jax.grad` of f_c w.r.t. an explicit patch tensor of each z, float64."""
+  px = patches_lib.patches(x, q, padding=padding)
+  pz_all = patches_lib.patches(z, q, padding=padding)
+  mpx = px @ metric
+  sqx = jnp.sum(mpx * px, -1)
+
+  def f(pz, c):
+    gram = jnp.einsum('mhwd,hwd->mhw', mpx, pz)[:, None]
+    sqz = jnp.sum((pz @ metric) * pz, -1)[None]
+    return alpha[:, c] @ kernel_from_grams(gram, sqx, sqz)[:, 0]
+
+  d = px.shape[-1]
+  g = np.zeros((d, d))
+  for pz in pz_all:
+    for c in range(alpha.shape[1]):
+      grad = np.asarray(jax.grad(f)(pz, c)).reshape(-1, d)
+      g += grad.T @ grad
+  return g / z.shape[0]
+
+
+def _problem(seed, n=5, s=3, size=6, channels=2, classes=3, q=3, with_metric=True):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.uniform(size=(n, size, size, channels)))
+  z = jnp.asarray(rng.uniform(size=(s, size, size, channels)))
+  alpha = jnp.asarray(rng.normal(size=(n, classes)))
+  d = q * q * channels
+  if with_metric:
+    f = rng.normal(size=(d, d))
+    metric = jnp.asarray(f @ f.T / d)
+  else:
+    metric = jnp.eye(d)
+  return x, alpha, z, metric
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+@pytest.mark.parametrize('with_metric', [False, True])
+def test_fused_matches_brute_force(padding, with_metric):
+  x, alpha, z, metric = _problem(0, with_metric=with_metric)
+  want = brute_force_agop(toy_from_grams, x, alpha, z, 3, padding, metric)
+  got = pa.predictor_agop_from_grams(
+      toy_from_grams, x, alpha, z, patch_size=3, padding=padding,
+      metric=metric if with_metric else None)
+  assert got.dtype == jnp.float64 and got.shape == (18, 18)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'fused {padding}')
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+@pytest.mark.parametrize('with_metric', [False, True])
+def test_autodiff_matches_brute_force(padding, with_metric):
+  x, alpha, z, metric = _problem(1, with_metric=with_metric)
+  want = brute_force_agop(toy_from_grams, x, alpha, z, 3, padding, metric)
+  got = pa.predictor_agop_autodiff(
+      pa.GramKernelOnPatches(toy_from_grams), x, alpha, z, patch_size=3, padding=padding,
+      metric=metric if with_metric else None)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'autodiff {padding}')
+
+
+def test_chunking_does_not_change_result():
+  x, alpha, z, metric = _problem(2, n=7, s=5)
+  whole = pa.predictor_agop_from_grams(toy_from_grams, x, alpha, z, patch_size=3, metric=metric)
+  seen = []
+  chunked = pa.predictor_agop_from_grams(
+      toy_from_grams, x, alpha, z, patch_size=3, metric=metric, train_block=3, z_block=2,
+      progress=seen.append)
+  assert seen == [2, 2, 1]
+  tolerances.assert_rel_fro(chunked, whole, 1e-12, 'chunked')
+  chunked_ad = pa.predictor_agop_autodiff(
+      pa.GramKernelOnPatches(toy_from_grams), x, alpha, z, patch_size=3, metric=metric,
+      train_block=4, z_block=3)
+  tolerances.assert_rel_fro(chunked_ad, whole, 1e-10, 'autodiff chunked')
+
+
+def test_float32_keeps_dtype():
+  x, alpha, z, metric = _problem(3)
+  got = pa.predictor_agop_from_grams(
+      toy_from_grams, x.astype(jnp.float32), alpha, z, patch_size=3,
+      metric=metric.astype(jnp.float32))
+  assert got.dtype == jnp.float32
+  want = pa.predictor_agop_from_grams(toy_from_grams, x, alpha, z, patch_size=3, metric=metric)
+  tolerances.assert_rel_fro(got, want, 1e-4, 'float32')
+
+
+def test_nan_gradient_raises():
+  def singular(gram, sq1, sq2):  # sqrt has an infinite derivative at a zero patch
+    return jnp.sum(jnp.sqrt(sq2)[None] * gram, axis=(2, 3))
+
+  x, alpha, _, _ = _problem(4)
+  z = jnp.zeros((1,) + x.shape[1:])
+  with pytest.raises(ValueError, match='NaN or Inf gradients'):
+    pa.predictor_agop_from_grams(singular, x, alpha, z, patch_size=3)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(alpha=np.ones((4, 2))), 'one row per training image'),
+    (dict(z=np.ones((2, 5, 5, 2))), 'shape of the training images'),
+    (dict(metric=-np.eye(18)), 'positive semi-definite'),
+    (dict(metric=np.eye(9)), 'patch dimension'),
+    (dict(padding='FULL'), 'padding'),
+])
+def test_bad_input(kwargs, match):
+  x, alpha, z, _ = _problem(5)
+  args = dict(x_train=x, alpha=alpha, z=z, patch_size=3)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    pa.predictor_agop_from_grams(toy_from_grams, **args)
+
+
+def test_docstring_examples():
+  failures, _ = doctest.testmod(pa)
+  assert failures == 0
