@@ -52,3 +52,15 @@ def tfds_cache_dir(tmp_path_factory):
   if env:
     return pathlib.Path(env)
   return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='session')
+def mnist_tfds(mnist_dir, tfds_cache_dir):
+  """A tfds `data_dir` with MNIST prepared (once per session, ~20 s) from the shared files.
+
+  Use as `jconvrfm.data.load_tfds('mnist', split, data_dir=mnist_tfds)`; passing
+  `manual_dir=mnist_dir` as well is harmless.
+  """
+  from jconvrfm.data import load_tfds  # pylint: disable=g-import-not-at-top
+  load_tfds('mnist', 'test[:1]', data_dir=tfds_cache_dir, manual_dir=mnist_dir)
+  return tfds_cache_dir
