@@ -1,0 +1,1 @@
+"""Flax reference CNNs whose conv layers expose kernels, pre-activations and patches."""
