@@ -28,6 +28,7 @@ from jconvrfm._src.patches import patches
 
 # --- tiled kernel matrices -----------------------------------------------------------------
 # (jconvrfm/_src/tiling.py)
+from jconvrfm._src.tiling import kernel_matrix
 
 # --- ConvRFM and Deep ConvRFM --------------------------------------------------------------
 # (jconvrfm/_src/convrfm.py, deep_convrfm.py)

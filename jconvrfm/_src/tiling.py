@@ -1,0 +1,385 @@
+"""Tiled, sharded kernel matrices: `K[a, b] = kernel_fn(x1[a], x2[b])` built block by block.
+
+A kernel matrix of `n1 x n2` entries is cut into fixed-shape `b1 x b2` tiles. The tiles are
+handed out in rounds, one tile per device per round, through `jax.shard_map` over a
+one-axis device mesh (`'tiles'`): every device runs the same compiled per-tile program, so the
+result does not depend on the number of devices, bit for bit. Inputs whose size is not a
+multiple of the block are padded (by repeating the last example, a valid input) and the
+padding is cropped from the result, so every tile has the same shape and the program compiles
+once. For a symmetric train-train matrix (`x2 is None`) only tiles on or above the block
+diagonal are computed; the others are their transposes.
+"""
+
+import functools
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jconvrfm._src import checks
+
+KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+# Budget for one tile's working memory when the device does not report its memory
+# (CPU) and no `memory_budget_bytes` is given.
+DEFAULT_CPU_BUDGET_BYTES = 512 * 2**20
+# Fraction of an accelerator's memory (`bytes_limit`) used for one tile by default; two rounds
+# of tiles are in flight at a time and the kernel's inputs also need room.
+DEFAULT_DEVICE_FRACTION = 0.25
+# Side of the probe block whose compiled memory is measured to estimate bytes per entry.
+PROBE_BLOCK = 32
+
+
+class TilePlan(NamedTuple):
+  """How a kernel matrix is cut into tiles.
+
+  Attributes:
+    block_shape: `(b1, b2)` rows and columns of every tile.
+    grid_shape: `(nb1, nb2)` number of row and column blocks, `ceil(n / b)`.
+    tiles: `(num_tiles, 2)` int array of (row block, column block) indices to compute, in order;
+      for a symmetric matrix only those with row block <= column block.
+    symmetric: whether the lower blocks are mirrored from the upper ones.
+  """
+  block_shape: Tuple[int, int]
+  grid_shape: Tuple[int, int]
+  tiles: np.ndarray
+  symmetric: bool
+
+
+def plan_tiles(n1: int, n2: int, block_shape: Tuple[int, int], symmetric: bool) -> TilePlan:
+  """Lists the tiles of an `n1 x n2` matrix with `block_shape` blocks (upper ones if symmetric)."""
+  b1, b2 = block_shape
+  nb1, nb2 = -(-n1 // b1), -(-n2 // b2)
+  if symmetric:
+    tiles = [(i, j) for i in range(nb1) for j in range(i, nb2)]
+  else:
+    tiles = [(i, j) for i in range(nb1) for j in range(nb2)]
+  return TilePlan((b1, b2), (nb1, nb2), np.array(tiles, dtype=np.int64).reshape(-1, 2),
+                  symmetric)
+
+
+def estimate_bytes_per_entry(kernel_fn: KernelFn, x1, x2, probe: int = PROBE_BLOCK) -> float:
+  """Working memory per kernel entry, from the compiled memory of one `probe x probe` block.
+
+  Compiles `kernel_fn` for a `(p1, p2)` block (`p = min(probe, n)`) and divides its temporary
+  plus output bytes (`Compiled.memory_analysis()`) by `p1 * p2`. Where the backend reports no
+  memory analysis, falls back to `4 * itemsize * prod(x1.shape[1:])` (a few feature-sized
+  maps per entry, the order of the fused CNTK's per-entry work).
+
+  Args:
+    kernel_fn: `kernel_fn(x1_block, x2_block) -> (b1, b2)`.
+    x1: `(n1, ...)` array (only its shape and dtype are used).
+    x2: `(n2, ...)` array (only its shape and dtype are used).
+    probe: side of the probe block.
+
+  Returns:
+    Estimated bytes per entry (float, at least the output itemsize).
+  """
+  p1, p2 = min(probe, x1.shape[0]), min(probe, x2.shape[0])
+  a = jax.ShapeDtypeStruct((p1,) + tuple(x1.shape[1:]), x1.dtype)
+  b = jax.ShapeDtypeStruct((p2,) + tuple(x2.shape[1:]), x2.dtype)
+  out = jax.eval_shape(kernel_fn, a, b)
+  itemsize = np.dtype(out.dtype).itemsize
+  try:
+    stats = jax.jit(kernel_fn).lower(a, b).compile().memory_analysis()
+    measured = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / (p1 * p2)
+  except Exception:  # pylint: disable=broad-except
+    # No memory analysis on this backend (or kernel_fn cannot be jitted alone).
+    measured = 4 * np.dtype(x1.dtype).itemsize * math.prod(x1.shape[1:])
+  return float(max(measured, itemsize))
+
+
+def _default_budget(devices) -> int:
+  stats = None
+  try:
+    stats = devices[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if stats and stats.get('bytes_limit'):
+    return int(DEFAULT_DEVICE_FRACTION * stats['bytes_limit'])
+  return DEFAULT_CPU_BUDGET_BYTES
+
+
+def choose_block_shape(n1: int, n2: int, *, budget_bytes: float, bytes_per_entry: float,
+                       row_bytes1: float, row_bytes2: float,
+                       symmetric: bool) -> Tuple[int, int]:
+  """Largest tile `(b1, b2)` whose memory `bpe*b1*b2 + b1*row1 + b2*row2` fits the budget.
+
+  Square tiles `b x b` (capped at `n1`, `n2`) are preferred; when one side is capped, the
+  other grows to use the budget (rectangular case only). Always at least `(1, 1)`.
+  """
+  def fits(b1, b2):
+    return bytes_per_entry * b1 * b2 + b1 * row_bytes1 + b2 * row_bytes2 <= budget_bytes
+
+  # Largest b with bpe*b^2 + b*(row1+row2) <= budget.
+  r = row_bytes1 + row_bytes2
+  b = int((-r + math.sqrt(r * r + 4 * bytes_per_entry * budget_bytes)) /
+          (2 * bytes_per_entry))
+  b = max(b, 1)
+  while b > 1 and not fits(b, b):
+    b -= 1
+  if symmetric:
+    b = min(b, n1)
+    return b, b
+  b1, b2 = min(b, n1), min(b, n2)
+  if b1 < b:
+    b2 = int((budget_bytes - b1 * row_bytes1) / (bytes_per_entry * b1 + row_bytes2))
+    b2 = max(min(b2, n2), 1)
+  elif b2 < b:
+    b1 = int((budget_bytes - b2 * row_bytes2) / (bytes_per_entry * b2 + row_bytes1))
+    b1 = max(min(b1, n1), 1)
+  return b1, b2
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_program(kernel_fn: KernelFn, mesh: Mesh) -> Callable:
+  """jit(shard_map): `(D, b1, ...), (D, b2, ...)` tiles laid along 'tiles' -> `(D, b1, b2)`."""
+
+  def per_device(a, b):
+    # Each device holds exactly one tile: a (1, b1, ...), b (1, b2, ...).
+    return kernel_fn(a[0], b[0])[None]
+
+  spec = P('tiles')
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                               check_vma=False))
+
+
+def _block_rows(block: int, size: int, n: int) -> np.ndarray:
+  """Example indices of one block; positions past the end repeat the last example."""
+  return np.minimum(np.arange(block * size, (block + 1) * size), n - 1)
+
+
+def _as_progress(progress, total: int):
+  """Returns `(update(done), close())` for a callback, `True` (tqdm) or None."""
+  if progress is None or progress is False:
+    return (lambda done: None), (lambda: None)
+  if progress is True:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=total, desc='kernel tiles', unit='tile')
+    state = {'done': 0}
+
+    def update(done):
+      bar.update(done - state['done'])
+      state['done'] = done
+    return update, bar.close
+  if callable(progress):
+    return (lambda done: progress(done, total)), (lambda: None)
+  raise TypeError(
+      f'`progress` must be None, a bool or a callable progress(done_tiles, total_tiles), got '
+      f'{type(progress).__name__}.')
+
+
+def _check_input(x, name):
+  x = checks.check_array(x, name, finite=True)
+  if x.ndim < 1:
+    raise ValueError(f'`{name}` must have a leading batch axis, got a scalar.')
+  return np.asarray(x)
+
+
+def _check_block_shape(block_size, symmetric) -> Tuple[int, int]:
+  if isinstance(block_size, (tuple, list)):
+    if len(block_size) != 2:
+      raise ValueError(f'`block_size` must be an int or a pair (b1, b2), got {block_size!r}.')
+    b1 = checks.check_positive_int(block_size[0], 'block_size[0]')
+    b2 = checks.check_positive_int(block_size[1], 'block_size[1]')
+  else:
+    b1 = b2 = checks.check_positive_int(block_size, 'block_size')
+  if symmetric and b1 != b2:
+    raise ValueError(
+        f'`block_size` must be square for a symmetric matrix (x2=None), got {(b1, b2)}.')
+  return b1, b2
+
+
+def kernel_matrix(kernel_fn: KernelFn,
+                  x1,
+                  x2=None,
+                  *,
+                  block_size: Optional[Union[int, Tuple[int, int]]] = None,
+                  memory_budget_bytes: Optional[float] = None,
+                  bytes_per_entry: Optional[float] = None,
+                  devices: Optional[Sequence[jax.Device]] = None,
+                  on_host: bool = True,
+                  progress: Union[None, bool, Callable[[int, int], None]] = None):
+  """The kernel matrix `K[a, b] = kernel_fn(x1[a:a+1], x2[b:b+1])`, computed in tiles on all devices.
+
+  The matrix is cut into `b1 x b2` tiles; each round gives one tile to each device (a batch of
+  tiles laid along a one-axis `Mesh` of `devices`, run through `jax.shard_map`), so every
+  device runs the same compiled per-tile program and the result is identical, bit for bit,
+  for any number of devices. `n1`, `n2` need not be multiples of anything: the last block is
+  padded by repeating the last example and cropped. With `x2=None` only tiles on or above
+  the block diagonal are computed and the lower blocks are their transposes (diagonal tiles
+  are stored as `kernel_fn` returns them).
+
+  Block size: `block_size` if given; otherwise the largest tile whose estimated working memory
+  `bytes_per_entry * b1 * b2 + (b1 + b2) * input_row_bytes` fits `memory_budget_bytes`.
+  `bytes_per_entry` defaults to the compiled memory (`memory_analysis()`: temporaries plus
+  output) of one 32 x 32 probe block divided by its entries (see
+  `estimate_bytes_per_entry`); `memory_budget_bytes` defaults to a quarter of the device's
+  `bytes_limit`, or 512 MiB where the device reports none (CPU).
+
+  Args:
+    kernel_fn: `kernel_fn(x1_block (b1, ...), x2_block (b2, ...)) -> (b1, b2)`, a jittable
+      function of its two blocks (e.g. `functools.partial(jconvrfm.conv_ntk, depth=3,
+      patch_size=3)`). It must give each entry independently of the other rows of the block.
+    x1: `(n1, ...)` inputs, e.g. NHWC images `(n1, H, W, C)`; any trailing shape, finite.
+    x2: `(n2, ...)` inputs with the same trailing shape, or None for the symmetric
+      `kernel_fn(x1, x1)`.
+    block_size: tile side `b` or `(b1, b2)` (square if `x2` is None).
+    memory_budget_bytes: working memory allowed for one tile.
+    bytes_per_entry: working bytes per kernel entry (overrides the measurement).
+    devices: devices to use, default `jax.local_devices()`.
+    on_host: True: return a numpy array filled tile by tile on the host, so no device ever
+      holds the whole matrix; False: return a `jax.Array` on `devices[0]`, assembled there
+      from the tiles (needs memory for the matrix and its tiles on that device).
+    progress: None; True for a tqdm bar; or a callback `progress(done_tiles, total_tiles)`
+      called after each round of tiles has finished.
+
+  Returns:
+    `(n1, n2)` kernel matrix of `kernel_fn`'s output dtype (numpy if `on_host`, else a
+    `jax.Array`).
+
+  Raises:
+    ValueError/TypeError: bad arguments, non-finite inputs, a `kernel_fn` whose output is not
+      `(b1, b2)`, or non-finite kernel values (the error names the tile).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jconvrfm import kernel_matrix
+    >>> rbf = lambda a, b: jnp.exp(-jnp.sum((a[:, None] - b[None]) ** 2, -1))
+    >>> x = np.linspace(0, 1, 10, dtype=np.float32).reshape(5, 2)
+    >>> k = kernel_matrix(rbf, x, block_size=2)
+    >>> k.shape, bool(np.allclose(k, rbf(x, x)))
+    ((5, 5), True)
+  """
+  if not callable(kernel_fn):
+    raise TypeError(f'`kernel_fn` must be callable, got {type(kernel_fn).__name__}.')
+  symmetric = x2 is None
+  x1 = _check_input(x1, 'x1')
+  x2 = x1 if symmetric else _check_input(x2, 'x2')
+  if x1.shape[1:] != x2.shape[1:]:
+    raise ValueError(
+        f'`x1` and `x2` must have the same trailing shape, got {x1.shape} and {x2.shape}.')
+  if x1.dtype != x2.dtype:
+    raise TypeError(f'`x1` and `x2` must have the same dtype, got {x1.dtype} and {x2.dtype}.')
+  if devices is None:
+    devices = jax.local_devices()
+  devices = list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
+  if len(set(devices)) != len(devices):
+    raise ValueError('`devices` must not repeat a device.')
+  n1, n2 = x1.shape[0], x2.shape[0]
+  update, close = _as_progress(progress, 0)  # Validates `progress` early.
+
+  if block_size is not None:
+    if memory_budget_bytes is not None or bytes_per_entry is not None:
+      raise ValueError(
+          'Give either `block_size` or `memory_budget_bytes`/`bytes_per_entry`, not both.')
+    b1, b2 = _check_block_shape(block_size, symmetric)
+    b1, b2 = (min(b1, n1), min(b2, n2)) if not symmetric else (min(b1, n1),) * 2
+  else:
+    for value, name in ((memory_budget_bytes, 'memory_budget_bytes'),
+                        (bytes_per_entry, 'bytes_per_entry')):
+      if value is not None and (isinstance(value, bool) or not isinstance(
+          value, (int, float, np.number)) or not value > 0 or not math.isfinite(value)):
+        raise ValueError(f'`{name}` must be a positive number, got {value!r}.')
+    budget = memory_budget_bytes or _default_budget(devices)
+    bpe = bytes_per_entry or estimate_bytes_per_entry(kernel_fn, x1, x2)
+    row = x1.dtype.itemsize * math.prod(x1.shape[1:])
+    b1, b2 = choose_block_shape(n1, n2, budget_bytes=budget, bytes_per_entry=bpe,
+                                row_bytes1=row, row_bytes2=row, symmetric=symmetric)
+
+  # Check the kernel's output on one abstract tile before running anything.
+  out = jax.eval_shape(kernel_fn, jax.ShapeDtypeStruct((b1,) + x1.shape[1:], x1.dtype),
+                       jax.ShapeDtypeStruct((b2,) + x2.shape[1:], x2.dtype))
+  if not hasattr(out, 'shape') or tuple(out.shape) != (b1, b2):
+    raise ValueError(
+        f'`kernel_fn` must map blocks of {b1} and {b2} examples to a ({b1}, {b2}) matrix, got '
+        f'{getattr(out, "shape", out)}.')
+
+  plan = plan_tiles(n1, n2, (b1, b2), symmetric)
+  num_devices = len(devices)
+  mesh = Mesh(np.array(devices), ('tiles',))
+  sharding = NamedSharding(mesh, P('tiles'))
+  try:
+    program = _tile_program(kernel_fn, mesh)
+  except TypeError:  # Unhashable callable: build an uncached program.
+    program = _tile_program.__wrapped__(kernel_fn, mesh)
+  total = len(plan.tiles)
+  update, close = _as_progress(progress, total)
+  (nb1, nb2) = plan.grid_shape
+
+  def dispatch(round_tiles):
+    # Pad the last round with copies of its last tile; their results are dropped.
+    padded = np.concatenate(
+        [round_tiles, np.repeat(round_tiles[-1:], num_devices - len(round_tiles), 0)])
+    rows1 = np.stack([_block_rows(i, b1, n1) for i in padded[:, 0]])
+    rows2 = np.stack([_block_rows(j, b2, n2) for j in padded[:, 1]])
+    a = jax.device_put(x1[rows1], sharding)
+    b = jax.device_put(x2[rows2], sharding)
+    return program(a, b)
+
+  def check_finite_tile(tile, i, j):
+    if not np.all(np.isfinite(tile)):
+      raise ValueError(
+          f'`kernel_fn` returned {int(np.sum(~np.isfinite(tile)))} non-finite value(s) in the '
+          f'tile of rows {i * b1}..{min((i + 1) * b1, n1) - 1}, columns '
+          f'{j * b2}..{min((j + 1) * b2, n2) - 1}.')
+
+  rounds = [plan.tiles[s:s + num_devices] for s in range(0, total, num_devices)]
+  results = np.empty((n1, n2), dtype=out.dtype) if on_host else []
+  done = 0
+  try:
+    pending = None
+    for r in range(len(rounds) + 1):
+      current = dispatch(rounds[r]) if r < len(rounds) else None  # Async: overlaps the fetch.
+      if pending is not None:
+        round_tiles, values = pending
+        if on_host:
+          by_index = {s.index[0].start or 0: s.data for s in values.addressable_shards}
+          for t, (i, j) in enumerate(round_tiles):
+            tile = np.asarray(by_index[t])[0]
+            check_finite_tile(tile, i, j)
+            r0, c0 = i * b1, j * b2
+            r1, c1 = min(r0 + b1, n1), min(c0 + b2, n2)
+            results[r0:r1, c0:c1] = tile[:r1 - r0, :c1 - c0]
+            if symmetric and i != j:
+              results[c0:c1, r0:r1] = tile[:r1 - r0, :c1 - c0].T
+        else:
+          results.append(values[:len(round_tiles)])
+        done += len(round_tiles)
+        update(done)
+      pending = (rounds[r], current) if current is not None else None
+  finally:
+    close()
+  if on_host:
+    return results
+  tiles = jax.device_put(jnp.concatenate([jax.device_put(t, devices[0]) for t in results]),
+                         devices[0])
+  bad = ~jnp.isfinite(tiles)
+  if bool(jnp.any(bad)):
+    t = int(jnp.argmax(jnp.any(bad, axis=(1, 2))))
+    i, j = plan.tiles[t]
+    check_finite_tile(np.asarray(tiles[t]), i, j)
+  index = np.zeros((nb1, nb2), np.int32)
+  flip = np.zeros((nb1, nb2), bool)
+  for t, (i, j) in enumerate(plan.tiles):
+    index[i, j] = t
+    if symmetric and i != j:
+      index[j, i] = t
+      flip[j, i] = True
+  return _assemble(tiles, jax.device_put(index, devices[0]), jax.device_put(flip, devices[0]),
+                   n1=n1, n2=n2, symmetric=symmetric)
+
+
+@functools.partial(jax.jit, static_argnames=('n1', 'n2', 'symmetric'))
+def _assemble(tiles, index, flip, *, n1, n2, symmetric):
+  """`(T, b1, b2)` tiles -> `(n1, n2)` matrix; `index[I, J]` picks a tile, `flip` transposes."""
+  grid = tiles[index]  # (nb1, nb2, b1, b2)
+  if symmetric:
+    grid = jnp.where(flip[..., None, None], jnp.swapaxes(grid, -1, -2), grid)
+  nb1, nb2, b1, b2 = grid.shape
+  return grid.transpose(0, 2, 1, 3).reshape(nb1 * b1, nb2 * b2)[:n1, :n2]
