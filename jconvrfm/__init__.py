@@ -25,6 +25,14 @@ from jconvrfm._src.patches import patches
 
 # --- kernels -------------------------------------------------------------------------------
 # (jconvrfm/_src/kernels/)
+from jconvrfm._src.kernels.api import conv_ntk
+from jconvrfm._src.kernels.api import Impl as KernelImpl
+from jconvrfm._src.kernels.fused import conv_kernel_from_grams
+from jconvrfm._src.kernels.fused import Kind as KernelKind
+from jconvrfm._src.kernels.fused import patch_grams
+from jconvrfm._src.kernels.nt import expand_patches
+from jconvrfm._src.kernels.nt import import_neural_tangents
+from jconvrfm._src.kernels.nt import stax_conv_kernel
 
 # --- tiled kernel matrices -----------------------------------------------------------------
 # (jconvrfm/_src/tiling.py)

@@ -1,0 +1,1 @@
+"""Infinite-width convolutional kernels: fused closed form and the neural-tangents path."""

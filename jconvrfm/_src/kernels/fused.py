@@ -1,0 +1,379 @@
+"""Closed-form CNTK / CNNGP of the ConvRFM base network from patch Gram matrices.
+
+The network (the paper's base kernel, as a neural-tangents `stax` model in NTK
+parameterisation):
+
+  depth x [Conv(q x q, stride 1, W_std = q, b_std = 0, padding), ABRelu(a=0, b=sqrt(2))],
+  Flatten, Dense(1, W_std = 1, b_std = 0).
+
+With a Flatten readout and no pooling only same-position covariances are needed. Writing
+`g(i, j) = p_ij(x)^T M p_ij(x')` for the (metric-weighted) inner product of the stride-1
+patches at output position (i, j), the recursion is, per position:
+
+  layer 1:   K_1 = g / c,  Theta_1 = K_1                       (c: input channels)
+  ReLU:      with cos(t) = K_l(x, x') / sqrt(K_l(x, x) K_l(x', x')),
+             R_l = sqrt(K_l(x, x) K_l(x', x')) (sin t + (pi - t) cos t) / pi,
+             D_l = (pi - t) / pi,  R_l(x, x) = K_l(x, x)
+  layer l+1: K_{l+1} = W_std^2 * mean over the q x q window of R_l = window sum of R_l,
+             Theta_{l+1} = window sum of (Theta_l D_l + R_l)
+             (window padded like the conv: zeros for SAME, wrap-around for CIRCULAR)
+  readout:   NNGP = spatial mean of R_depth, NTK = spatial mean of (Theta_depth D_depth + R_depth).
+
+Every kernel entry costs O(H' W' depth) work: window sums are separable (q adds per axis),
+and no array is q^2 times larger than the Gram matrices. Internally the spatial axes lead,
+`(H', W', n1, n2)`, so that the inner loops vectorise over the batch pairs.
+
+Zero patches (common after a low-rank metric) give K(x, x) = 0 at some positions; there the
+angle t is undefined. The ReLU kernels use a `custom_jvp` with the exact derivatives
+`dR/dK12 = D`, `dR/dK11 = sqrt(K11 K22 - K12^2) / (2 pi K11)` and
+`dD/dK12 = 1 / (pi sqrt(K11 K22 - K12^2))`, guarded with the double-`where` trick; at a zero
+position (or at t in {0, pi}, where D has a kink) they take the symmetric (two-sided average)
+limit: D = 1/2 at zero, and the singular partial derivatives are 0. Kernels and gradients
+are therefore finite everywhere.
+
+References:
+  S. Arora, S. S. Du, W. Hu, Z. Li, R. Salakhutdinov, R. Wang. On Exact Computation with an
+  Infinitely Wide Neural Net. NeurIPS 2019 (CNTK recursion).
+  Y. Cho, L. K. Saul. Kernel Methods for Deep Learning. NeurIPS 2009 (arc-cosine kernel).
+  R. Novak et al. Neural Tangents. ICLR 2020 (NTK parameterisation, `diagonal_spatial`).
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023 (the ConvRFM base kernel).
+"""
+
+import enum
+import functools
+import math
+from typing import Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from jconvrfm._src import checks
+from jconvrfm._src import patches as patches_lib
+
+
+class Kind(enum.Enum):
+  """Which infinite-width kernel: the NTK or the NNGP (output covariance at init)."""
+  NTK = 'ntk'
+  NNGP = 'nngp'
+
+
+def canonical_kind(kind: Union[str, Kind], name: str = 'kind') -> Kind:
+  """Normalises `'ntk'` / `'nngp'` (any case) or a `Kind` to `Kind`."""
+  if isinstance(kind, Kind):
+    return kind
+  if isinstance(kind, str):
+    try:
+      return Kind(kind.lower())
+    except ValueError:
+      pass
+  raise ValueError(f'`{name}` must be one of {[k.value for k in Kind]} (or a `Kind`), '
+                   f'got {kind!r}.')
+
+
+# --------------------------------------------------------------------------------------------
+# Window sums over the two leading (spatial) axes.
+# --------------------------------------------------------------------------------------------
+
+
+def _pad_axis(a: jax.Array, axis: int, before: int, after: int,
+              padding: checks.Padding) -> jax.Array:
+  if before == 0 and after == 0:
+    return a
+  if padding == checks.Padding.CIRCULAR:
+    size = a.shape[axis]
+    idx = [k % size for k in range(-before, size + after)]
+    return jnp.take(a, jnp.asarray(idx), axis=axis)
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (before, after)
+  return jnp.pad(a, widths)
+
+
+def _window_sum_axis(a: jax.Array, axis: int, q: int, padding: checks.Padding) -> jax.Array:
+  """Sum over a length-q sliding window (stride 1) along `axis`, padded like the conv."""
+  before, after, out = patches_lib.padding_amounts(a.shape[axis], q, 1, padding)
+  a = _pad_axis(a, axis, before, after, padding)
+  total = None
+  for u in range(q):
+    part = jax.lax.slice_in_dim(a, u, u + out, axis=axis)
+    total = part if total is None else total + part
+  return total
+
+
+def _window_sum(a: jax.Array, q: int, padding: checks.Padding) -> jax.Array:
+  """q x q window sums over axes 0 and 1 (separable: 2q adds per output entry)."""
+  return _window_sum_axis(_window_sum_axis(a, 0, q, padding), 1, q, padding)
+
+
+# --------------------------------------------------------------------------------------------
+# The ReLU (ABRelu(0, sqrt 2)) kernel maps with finite derivatives everywhere.
+# --------------------------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def relu_kernels(k11: jax.Array, k22: jax.Array,
+                 k12: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Post-activation covariance R and derivative kernel D of `sqrt(2) * relu`.
+
+  Args:
+    k11: pre-activation variances of the first input, any shape broadcastable with `k12`.
+    k22: pre-activation variances of the second input, broadcastable with `k12`.
+    k12: pre-activation covariances.
+
+  Returns:
+    `(R, D)` with `R = sqrt(k11 k22) (sin t + (pi - t) cos t) / pi` and `D = (pi - t) / pi`,
+    `cos t = k12 / sqrt(k11 k22)`; at `k11 k22 = 0`: `R = 0`, `D = 1/2`. dtype of `k12`.
+  """
+  return _relu_primal(k11, k22, k12)[:2]
+
+
+def _relu_primal(k11, k22, k12):
+  prod = k11 * k22
+  ok = prod > 0
+  safe_prod = jnp.where(ok, prod, jnp.ones_like(prod))
+  inv_norm = jax.lax.rsqrt(safe_prod)
+  # Rounding can push |cos t| a hair above 1; arccos would return NaN there.
+  cos = jnp.clip(k12 * inv_norm, -1, 1)
+  sin_part = jnp.sqrt(jnp.maximum(safe_prod - k12 * k12, 0))  # sqrt(k11 k22) sin t
+  theta = jnp.arccos(cos)
+  inv_pi = 1 / math.pi
+  r = jnp.where(ok, (sin_part + (math.pi - theta) * k12) * inv_pi, jnp.zeros_like(k12))
+  d = jnp.where(ok, (math.pi - theta) * inv_pi, jnp.full_like(k12, 0.5))
+  return r, d, ok, sin_part, inv_norm
+
+
+@relu_kernels.defjvp
+def _relu_kernels_jvp(primals, tangents):
+  k11, k22, k12 = primals
+  dk11, dk22, dk12 = tangents
+  r, d, ok, sin_part, _ = _relu_primal(k11, k22, k12)
+  # Partial derivatives, zero where they are singular (zero positions, t in {0, pi}).
+  smooth = ok & (sin_part > 0)
+  safe_sin = jnp.where(smooth, sin_part, jnp.ones_like(sin_part))
+  safe_k11 = jnp.where(smooth, k11, jnp.ones_like(k11))
+  safe_k22 = jnp.where(smooth, k22, jnp.ones_like(k22))
+  zero = jnp.zeros_like(r)
+  inv_2pi = 1 / (2 * math.pi)
+  dr_dk11 = jnp.where(smooth, sin_part * inv_2pi / safe_k11, zero)
+  dr_dk22 = jnp.where(smooth, sin_part * inv_2pi / safe_k22, zero)
+  # D = (pi - arccos(k12 / sqrt(k11 k22))) / pi; with s = sqrt(k11 k22 - k12^2):
+  # dD/dk12 = 1 / (pi s), dD/dk11 = -k12 / (2 pi k11 s), dD/dk22 = -k12 / (2 pi k22 s).
+  dd_dk12 = jnp.where(smooth, 1 / (math.pi * safe_sin), zero)
+  dd_dk11 = jnp.where(smooth, -k12 * inv_2pi / (safe_k11 * safe_sin), zero)
+  dd_dk22 = jnp.where(smooth, -k12 * inv_2pi / (safe_k22 * safe_sin), zero)
+  dr = d * dk12 + dr_dk11 * dk11 + dr_dk22 * dk22
+  dd = dd_dk12 * dk12 + dd_dk11 * dk11 + dd_dk22 * dk22
+  return (r, d), (dr, dd)
+
+
+# --------------------------------------------------------------------------------------------
+# Patch Gram matrices.
+# --------------------------------------------------------------------------------------------
+
+
+def _grams_identity(x1, x2, q, padding):
+  """Grams for M = I via per-pixel dot products and window sums: (H', W', n1, n2) etc."""
+  pix12 = jnp.einsum('ahwc,bhwc->hwab', x1, x2)
+  pix1 = jnp.einsum('ahwc,ahwc->hwa', x1, x1)
+  pix2 = jnp.einsum('ahwc,ahwc->hwa', x2, x2)
+  return (_window_sum(pix12, q, padding), _window_sum(pix1, q, padding),
+          _window_sum(pix2, q, padding))
+
+
+def _grams_metric(x1, x2, metric, q, padding):
+  """Grams `p^T M p'` from explicit patches: (H', W', n1, n2), (H', W', n1), (H', W', n2)."""
+  p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
+  p2 = patches_lib._patches(x2, q, 1, padding)  # pylint: disable=protected-access
+  mp2 = jnp.einsum('bhwd,ed->bhwe', p2, metric)
+  mp1 = jnp.einsum('ahwd,ed->ahwe', p1, metric)
+  g12 = jnp.einsum('ahwd,bhwd->hwab', p1, mp2)
+  g1 = jnp.einsum('ahwd,ahwd->hwa', p1, mp1)
+  g2 = jnp.einsum('bhwd,bhwd->hwb', p2, mp2)
+  return g12, g1, g2
+
+
+def _grams_internal(x1, x2, metric, q, padding):
+  if metric is None:
+    return _grams_identity(x1, x2, q, padding)
+  return _grams_metric(x1, x2, metric, q, padding)
+
+
+@functools.partial(jax.jit, static_argnames=('q', 'padding'))
+def _patch_grams_jit(x1, x2, metric, q, padding):
+  g12, g1, g2 = _grams_internal(x1, x2, metric, q, padding)
+  return (jnp.transpose(g12, (2, 3, 0, 1)), jnp.transpose(g1, (2, 0, 1)),
+          jnp.transpose(g2, (2, 0, 1)))
+
+
+def _check_pair(x1, x2, q: int, padding: checks.Padding):
+  x1 = checks.check_nhwc(x1, 'x1')
+  x2 = x1 if x2 is None else checks.check_nhwc(x2, 'x2')
+  if x1.shape[1:] != x2.shape[1:]:
+    raise ValueError(
+        '`x1` and `x2` must have the same height, width and channels, got shapes '
+        f'{tuple(x1.shape)} and {tuple(x2.shape)}.')
+  if x1.dtype != x2.dtype:
+    raise TypeError(f'`x1` and `x2` must have the same dtype, got {x1.dtype} and {x2.dtype}.')
+  _, height, width, _ = x1.shape
+  if padding == checks.Padding.VALID and (q > height or q > width):
+    raise ValueError(
+        f'`patch_size` ({q}) must not exceed the image height and width ({height} x {width}) '
+        'with VALID padding.')
+  return x1, x2
+
+
+def _check_metric(metric, d: int, dtype) -> Optional[jax.Array]:
+  if metric is None:
+    return None
+  metric = checks.check_symmetric_psd(metric, 'metric', size=d)
+  if metric.dtype != dtype:
+    raise TypeError(f'`metric` must have the dtype of the images ({dtype}), got '
+                    f'{metric.dtype}.')
+  return metric
+
+
+def patch_grams(x1: jax.Array,
+                x2: Optional[jax.Array] = None,
+                *,
+                patch_size: int,
+                padding: Union[str, checks.Padding] = 'VALID',
+                metric: Optional[jax.Array] = None
+                ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Metric-weighted inner products of same-position stride-1 patches.
+
+  Args:
+    x1: images `(n1, H, W, c)` (NHWC), real floating dtype (kept).
+    x2: images `(n2, H, W, c)`, same dtype, or None for `x1`.
+    patch_size: q, side of the square patch.
+    padding: `'VALID'`, `'SAME'` or `'CIRCULAR'` (as in `jconvrfm.patches`).
+    metric: `M`, symmetric PSD `(d, d)` with `d = q*q*c` in Flax kernel order
+      (`(u*q + v)*c + ch`), same dtype as the images; None means the identity.
+
+  Returns:
+    `(gram12, sq1, sq2)` with shapes `(n1, n2, H', W')`, `(n1, H', W')`, `(n2, H', W')`:
+    `gram12[a, b, i, j] = p_ij(x1_a)^T M p_ij(x2_b)`, `sq1[a, i, j] = p_ij(x1_a)^T M
+    p_ij(x1_a)`, `sq2` likewise for `x2`. dtype of the images.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jconvrfm._src.kernels.fused import patch_grams
+    >>> x = jnp.ones((2, 5, 5, 1), jnp.float32)
+    >>> g12, s1, s2 = patch_grams(x, patch_size=3)
+    >>> g12.shape, float(g12[0, 1, 0, 0])
+    ((2, 2, 3, 3), 9.0)
+  """
+  pad = checks.canonical_padding(padding)
+  q = checks.check_positive_int(patch_size, 'patch_size')
+  x1, x2 = _check_pair(x1, x2, q, pad)
+  metric = _check_metric(metric, q * q * x1.shape[-1], x1.dtype)
+  return _patch_grams_jit(x1, x2, metric, q, pad)
+
+
+# --------------------------------------------------------------------------------------------
+# Depth recursion.
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_from_grams_internal(g12, g1, g2, depth, q, padding, channels, kind):
+  """Recursion on spatial-leading grams (H', W', n1, n2), (H', W', n1), (H', W', n2)."""
+  inv_c = 1 / channels
+  k12 = g12 * inv_c
+  k11 = (g1 * inv_c)[:, :, :, None]
+  k22 = (g2 * inv_c)[:, :, None, :]
+  theta = k12 if kind == Kind.NTK else None
+  for layer in range(depth):
+    r, d = relu_kernels(k11, k22, k12)
+    if layer == depth - 1:
+      out = r if kind == Kind.NNGP else theta * d + r
+      return jnp.mean(out, axis=(0, 1))
+    # Next conv: W_std^2 * window mean = window sum (W_std = q). The self covariances pass
+    # through the ReLU unchanged (E[2 relu(z)^2] = E[z^2]).
+    k12 = _window_sum(r, q, padding)
+    k11 = _window_sum(k11, q, padding)
+    k22 = _window_sum(k22, q, padding)
+    if kind == Kind.NTK:
+      theta = _window_sum(theta * d + r, q, padding)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=('depth', 'q', 'padding', 'channels', 'kind'))
+def _kernel_from_grams_jit(gram12, sq1, sq2, depth, q, padding, channels, kind):
+  return _kernel_from_grams_internal(
+      jnp.transpose(gram12, (2, 3, 0, 1)), jnp.transpose(sq1, (1, 2, 0)),
+      jnp.transpose(sq2, (1, 2, 0)), depth, q, padding, channels, kind)
+
+
+def check_depth_fits(height: int, width: int, depth: int, q: int,
+                     padding: checks.Padding) -> None:
+  """Raises if VALID convolutions shrink the (H', W') map to nothing before `depth`."""
+  if padding != checks.Padding.VALID:
+    return
+  h_last = height - (depth - 1) * (q - 1)
+  w_last = width - (depth - 1) * (q - 1)
+  if h_last < 1 or w_last < 1:
+    raise ValueError(
+        f'`depth` ({depth}) is too large for a {height} x {width} map with `patch_size` {q} '
+        'and VALID padding (each layer removes q - 1 rows and columns); use a smaller depth '
+        'or SAME/CIRCULAR padding.')
+
+
+def conv_kernel_from_grams(gram12: jax.Array,
+                           sq1: jax.Array,
+                           sq2: jax.Array,
+                           *,
+                           depth: int,
+                           patch_size: int,
+                           padding: Union[str, checks.Padding] = 'VALID',
+                           channels: int,
+                           kind: Union[str, Kind] = 'ntk') -> jax.Array:
+  """Infinite-width NTK or NNGP of the ConvRFM base CNN from patch Gram matrices.
+
+  Pure and differentiable in all three Gram arrays (finite gradients at zero patches);
+  safe under `jit`, `vmap` and `grad` (shape arguments are static).
+
+  Args:
+    gram12: `(n1, n2, H', W')` cross Grams `p_ij(x1_a)^T M p_ij(x2_b)` (see `patch_grams`).
+    sq1: `(n1, H', W')` self Grams of `x1`; must be >= 0.
+    sq2: `(n2, H', W')` self Grams of `x2`; must be >= 0.
+    depth: number of Conv + ReLU blocks (>= 1).
+    patch_size: q, the conv window of every layer.
+    padding: padding of the layers after the first (`'VALID'`, `'SAME'`, `'CIRCULAR'`);
+      the first layer's padding is already in the Grams.
+    channels: c, input channels (the first layer divides by `fan_in / q^2 = c`).
+    kind: `'ntk'` or `'nngp'`.
+
+  Returns:
+    `(n1, n2)` kernel, dtype of `gram12`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jconvrfm._src.kernels.fused import patch_grams, conv_kernel_from_grams
+    >>> x = jnp.ones((2, 7, 7, 1), jnp.float32)
+    >>> k = conv_kernel_from_grams(*patch_grams(x, patch_size=3), depth=2, patch_size=3,
+    ...                            channels=1)
+    >>> k.shape
+    (2, 2)
+  """
+  kind = canonical_kind(kind)
+  pad = checks.canonical_padding(padding)
+  depth = checks.check_positive_int(depth, 'depth')
+  q = checks.check_positive_int(patch_size, 'patch_size')
+  channels = checks.check_positive_int(channels, 'channels')
+  gram12 = checks.check_array(gram12, 'gram12', 4, layout='(n1, n2, H\', W\')')
+  sq1 = checks.check_array(sq1, 'sq1', 3, layout='(n1, H\', W\')')
+  sq2 = checks.check_array(sq2, 'sq2', 3, layout='(n2, H\', W\')')
+  n1, n2, h, w = gram12.shape
+  if sq1.shape != (n1, h, w) or sq2.shape != (n2, h, w):
+    raise ValueError(
+        f'`sq1` and `sq2` must have shapes {(n1, h, w)} and {(n2, h, w)} to match `gram12` '
+        f'{tuple(gram12.shape)}, got {tuple(sq1.shape)} and {tuple(sq2.shape)}.')
+  check_depth_fits(h, w, depth, q, pad)
+  return _kernel_from_grams_jit(gram12, sq1, sq2, depth, q, pad, channels, kind)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=('depth', 'q', 'padding', 'kind'))
+def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind):
+  """Unchecked fused kernel `(n1, n2)`; spatial-leading layout throughout (no transposes)."""
+  g12, g1, g2 = _grams_internal(x1, x2, metric, q, padding)
+  return _kernel_from_grams_internal(g12, g1, g2, depth, q, padding, x1.shape[-1], kind)
