@@ -1,6 +1,8 @@
 """Tests for jconvrfm.kernel_matrix: tiled == direct, 4 devices == 1 device bit for bit."""
 
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,55 @@ def test_conv_ntk_tiles_match_direct():
 def test_docstring_example():
   import doctest  # pylint: disable=g-import-not-at-top
   assert doctest.testmod(tiling).failed == 0
+
+
+_MULTI_PROCESS_WORKER = '''
+import os, sys
+process_id, port, out_dir, repo = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+sys.path.insert(0, repo)
+import jax
+jax.config.update('jax_enable_x64', True)
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address='localhost:' + port, num_processes=2,
+                           process_id=process_id)
+import numpy as np
+from jconvrfm import kernel_matrix
+from tests.tiling_test import rbf, _data
+assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+calls = []
+sym = kernel_matrix(rbf, _data(37, 0), block_size=8, progress=lambda d, t: calls.append(d))
+rect = kernel_matrix(rbf, _data(37, 0), _data(23, 1), block_size=(8, 5))
+np.savez(os.path.join(out_dir, f'process{process_id}.npz'), sym=sym, rect=rect, calls=calls)
+'''
+
+
+def test_two_processes_match_one_process_bitwise(tmp_path):
+  """Multi-host on CPU: 2 processes x 2 devices (gloo) give the single-process result."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = str(pathlib.Path(__file__).resolve().parent.parent)
+  worker = tmp_path / 'worker.py'
+  worker.write_text(_MULTI_PROCESS_WORKER)
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, str(tmp_path), repo],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=300)[0].decode()[-2000:] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), logs
+  sym = kernel_matrix(rbf, _data(37, 0), block_size=8)
+  rect = kernel_matrix(rbf, _data(37, 0), _data(23, 1), block_size=(8, 5))
+  for i in range(2):
+    out = np.load(tmp_path / f'process{i}.npz')
+    np.testing.assert_array_equal(out['sym'], sym)
+    np.testing.assert_array_equal(out['rect'], rect)
+    np.testing.assert_array_equal(out['calls'], [4, 8, 12, 15])

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jconvrfm._src import checks
@@ -230,7 +231,11 @@ def kernel_matrix(kernel_fn: KernelFn,
     block_size: tile side `b` or `(b1, b2)` (square if `x2` is None).
     memory_budget_bytes: working memory allowed for one tile.
     bytes_per_entry: working bytes per kernel entry (overrides the measurement).
-    devices: devices to use, default `jax.local_devices()`.
+    devices: devices to use, default `jax.devices()` (all devices of all processes; the
+      local devices in a single-process run). With devices of several processes
+      (multi-host, after `jax.distributed.initialize()`), every process must call this with
+      the same `x1`, `x2` and arguments; each process feeds only its own devices' tiles, and
+      every process receives the whole matrix (only `on_host=True`).
     on_host: True: return a numpy array filled tile by tile on the host, so no device ever
       holds the whole matrix; False: return a `jax.Array` on `devices[0]`, assembled there
       from the tiles (needs memory for the matrix and its tiles on that device).
@@ -265,12 +270,17 @@ def kernel_matrix(kernel_fn: KernelFn,
   if x1.dtype != x2.dtype:
     raise TypeError(f'`x1` and `x2` must have the same dtype, got {x1.dtype} and {x2.dtype}.')
   if devices is None:
-    devices = jax.local_devices()
+    devices = jax.devices()
   devices = list(devices)
   if not devices or not all(isinstance(d, jax.Device) for d in devices):
     raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
   if len(set(devices)) != len(devices):
     raise ValueError('`devices` must not repeat a device.')
+  multi_process = any(d.process_index != jax.process_index() for d in devices)
+  if multi_process and not on_host:
+    raise ValueError(
+        '`on_host=False` needs devices of this process only; with devices of several processes '
+        '(multi-host) use `on_host=True` (every process then receives the whole matrix).')
   n1, n2 = x1.shape[0], x2.shape[0]
   update, close = _as_progress(progress, 0)  # Validates `progress` early.
 
@@ -318,8 +328,11 @@ def kernel_matrix(kernel_fn: KernelFn,
         [round_tiles, np.repeat(round_tiles[-1:], num_devices - len(round_tiles), 0)])
     rows1 = np.stack([_block_rows(i, b1, n1) for i in padded[:, 0]])
     rows2 = np.stack([_block_rows(j, b2, n2) for j in padded[:, 1]])
-    a = jax.device_put(x1[rows1], sharding)
-    b = jax.device_put(x2[rows2], sharding)
+    # Each process builds only the shards of its own devices (all processes hold x1, x2).
+    a = jax.make_array_from_callback(rows1.shape + x1.shape[1:], sharding,
+                                     lambda index: x1[rows1[index[0]]])
+    b = jax.make_array_from_callback(rows2.shape + x2.shape[1:], sharding,
+                                     lambda index: x2[rows2[index[0]]])
     return program(a, b)
 
   def check_finite_tile(tile, i, j):
@@ -339,7 +352,11 @@ def kernel_matrix(kernel_fn: KernelFn,
       if pending is not None:
         round_tiles, values = pending
         if on_host:
-          by_index = {s.index[0].start or 0: s.data for s in values.addressable_shards}
+          if multi_process:  # Every process receives every tile of the round.
+            gathered = multihost_utils.process_allgather(values, tiled=True)
+            by_index = {t: gathered[t:t + 1] for t in range(num_devices)}
+          else:
+            by_index = {s.index[0].start or 0: s.data for s in values.addressable_shards}
           for t, (i, j) in enumerate(round_tiles):
             tile = np.asarray(by_index[t])[0]
             check_finite_tile(tile, i, j)
