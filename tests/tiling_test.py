@@ -147,6 +147,15 @@ def test_memory_budget_picks_block_and_matches():
   bpe = tiling.estimate_bytes_per_entry(rbf, x, x)
   assert bpe >= 8  # At least the float64 output.
   k2 = kernel_matrix(rbf, x, memory_budget_bytes=2**16)  # Measured bytes per entry.
+  calls.clear()
+  big = _data(tiling.DEFAULT_MAX_BLOCK + 3, 1, shape=(1,))
+  kernel_matrix(rbf, big, big[:2], bytes_per_entry=8, memory_budget_bytes=2**40,
+                progress=lambda d, t: calls.append(t))
+  assert calls[-1] == 1  # A (515, 2) tile has fewer entries than the 512 x 512 cap.
+  calls.clear()
+  kernel_matrix(rbf, big, bytes_per_entry=8, memory_budget_bytes=2**40,
+                progress=lambda d, t: calls.append(t))
+  assert calls[-1] == 3  # Capped at 512 x 512: 2 x 2 blocks, 3 upper tiles.
   tolerances.assert_rel_fro(k2, rbf_reference(x, x), 1e-13, 'measured budget')
 
 
