@@ -40,3 +40,10 @@ from jconvrfm._src.tiling import kernel_matrix
 
 # --- ConvRFM and Deep ConvRFM --------------------------------------------------------------
 # (jconvrfm/_src/convrfm.py, deep_convrfm.py)
+
+# --- models, training, CNFA report ---------------------------------------------------------
+# (jconvrfm/_src/models/, train.py, cnfa_report.py; the models are in `jconvrfm.models`)
+from jconvrfm import models
+from jconvrfm._src.cnfa_report import cnfa_report
+from jconvrfm._src.cnfa_report import layer_agops
+from jconvrfm._src.cnfa_report import LayerRecord as CnfaLayerRecord

@@ -1,0 +1,240 @@
+"""Per-layer report of the Convolutional Neural Feature Ansatz for a Flax reference model.
+
+For every analysed conv layer of a model built from `AnalysableConv` (see `jconvrfm.models`),
+the report compares the layer's CNFM `W W^T` with the patch AGOP `G` of the network's logits at
+that layer (all logits summed as separate outputs, positions summed, averaged over images):
+
+* `G` in closed form, `W Sigma W^T` (`jconvrfm.conv_agop`) from the gradients of every logit
+  w.r.t. the layer's pre-activation (before bias), all layers from one reverse pass per logit;
+* optionally `G` in generic form, by autodiff through the explicit patch tensor of the layer's
+  input (the model run with `generic=True`), to check the two agree;
+* Pearson (centered) and cosine (uncentered) correlations of the CNFM with `G` and with
+  `G^(1/2)`, at the trained and (if given) the initial weights, and the baseline
+  corr(initial CNFM, trained CNFM).
+
+Images are processed in chunks of `chunk_size`, so memory holds at most one chunk's gradients.
+
+References:
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023.
+"""
+
+import json
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jconvrfm._src import agop as agop_lib
+from jconvrfm._src import checks
+from jconvrfm._src import cnfa
+from jconvrfm._src.models import analysis
+from jconvrfm._src.models import layers
+
+Variables = Mapping[str, Any]
+
+
+class LayerRecord(NamedTuple):
+  """CNFA measures of one conv layer (all correlations are Python floats in [-1, 1]).
+
+  Attributes:
+    name: layer name (module path, e.g. `'conv_0'`, `'layer1_0/conv1'`).
+    kernel_shape: `(q, q, c, k)`.
+    corr_agop, cos_agop: centered (Pearson) and uncentered correlation of the trained CNFM
+      with the patch AGOP `G` at the trained weights.
+    corr_sqrt_agop, cos_sqrt_agop: the same against `G^(1/2)`.
+    init_corr_agop, init_cos_agop, init_corr_sqrt_agop, init_cos_sqrt_agop: CNFM vs AGOP, both
+      at the initial weights (None without initial weights).
+    baseline_corr, baseline_cos: correlation of the initial CNFM with the trained CNFM
+      (None without initial weights).
+    generic_rel_error: relative Frobenius error between the closed-form and the generic AGOP
+      at the trained weights (None unless `generic=True`).
+  """
+  name: str
+  kernel_shape: Tuple[int, ...]
+  corr_agop: float
+  cos_agop: float
+  corr_sqrt_agop: float
+  cos_sqrt_agop: float
+  init_corr_agop: Optional[float] = None
+  init_cos_agop: Optional[float] = None
+  init_corr_sqrt_agop: Optional[float] = None
+  init_cos_sqrt_agop: Optional[float] = None
+  baseline_corr: Optional[float] = None
+  baseline_cos: Optional[float] = None
+  generic_rel_error: Optional[float] = None
+
+
+def _chunks(n: int, chunk_size: int):
+  for i in range(0, n, chunk_size):
+    yield i, min(i + chunk_size, n)
+
+
+def layer_agops(model: nn.Module,
+                variables: Variables,
+                images: jax.Array,
+                *,
+                chunk_size: int = 32,
+                layer_names: Optional[Sequence[str]] = None,
+                outputs: Optional[Sequence[int]] = None,
+                generic: bool = False) -> Dict[str, jax.Array]:
+  """Patch AGOPs `(d, d)` of the model's logits at every analysed conv layer.
+
+  `G = (1/n) sum_x sum_ij sum_o grad_{p_ij} f_o(x) grad_{p_ij} f_o(x)^T`, with the model in
+  inference mode (batch-norm running statistics, no dropout).
+
+  Args:
+    model: a reference model built from `AnalysableConv` (any `generic` setting).
+    variables: `{'params': ..., ['batch_stats': ...]}`.
+    images: `(n, H, W, c)` floating, finite.
+    chunk_size: images per chunk (bounds memory: one chunk holds
+      `chunk_size * n_outputs * sum_l H'_l W'_l k_l` gradient entries, times `d_l / k_l` in
+      generic mode).
+    layer_names: layers to report (default: all analysed layers).
+    outputs: logit indices summed in the AGOP (default: all logits).
+    generic: compute `G` by autodiff through the explicit patch tensors (the model is cloned
+      with `generic=True`) instead of the closed form `W Sigma W^T`.
+
+  Returns:
+    `{layer_name: G}`, each `(d, d)` with `d = q*q*c` in Flax kernel order, in the promoted
+    dtype of images and parameters.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jconvrfm.models import VanillaCNN
+  >>> m = VanillaCNN(num_classes=3, width=4, depth=2)
+  >>> x = jnp.ones((2, 8, 8, 1))
+  >>> v = m.init(jax.random.key(0), x)
+  >>> {k: g.shape for k, g in layer_agops(m, v, x).items()}
+  {'conv_0': (9, 9), 'conv_1': (36, 36)}
+  """
+  images = checks.check_nhwc(images, 'images')
+  chunk_size = checks.check_positive_int(chunk_size, 'chunk_size')
+  variables = {k: v for k, v in variables.items() if k != layers.PERTURBATIONS}
+  names = analysis.analysed_layers(model, variables, images[:1])
+  if layer_names is not None:
+    unknown = set(layer_names) - set(names)
+    if unknown:
+      raise ValueError(f'`layer_names` {sorted(unknown)} are not analysed layers of the model; '
+                       f'available: {list(names)}.')
+    names = tuple(n for n in names if n in layer_names)
+  model = model.clone(generic=generic)
+  kind = layers.PATCHES if generic else layers.PREACT
+
+  @jax.jit
+  def chunk_agops(variables, x):
+    grads = analysis.logit_gradients(model, variables, x, kind=kind, layer_names=names,
+                                     outputs=outputs)
+    out = {}
+    for name in names:
+      g = grads[name]
+      if generic:
+        flat = g.reshape(-1, g.shape[-1])
+        a = jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) / x.shape[0]
+        out[name] = (a + a.T) / 2
+      else:
+        out[name] = agop_lib.conv_agop(analysis.layer_kernel(variables['params'], name), g)
+    return out
+
+  n = images.shape[0]
+  total = None
+  for lo, hi in _chunks(n, chunk_size):
+    part = chunk_agops(variables, images[lo:hi])
+    part = {k: v * ((hi - lo) / n) for k, v in part.items()}
+    total = part if total is None else {k: total[k] + part[k] for k in total}
+  return total
+
+
+def _measures(kernel, g) -> Tuple[float, float, float, float]:
+  m = cnfa.cnfm(kernel)
+  g = g.astype(m.dtype)
+  s = cnfa.sqrt_psd(g)
+  return (float(cnfa.correlation(m, g, True)), float(cnfa.correlation(m, g, False)),
+          float(cnfa.correlation(m, s, True)), float(cnfa.correlation(m, s, False)))
+
+
+def cnfa_report(model: nn.Module,
+                variables: Variables,
+                images: jax.Array,
+                *,
+                initial_variables: Optional[Variables] = None,
+                chunk_size: int = 32,
+                layer_names: Optional[Sequence[str]] = None,
+                outputs: Optional[Sequence[int]] = None,
+                generic: bool = False) -> List[LayerRecord]:
+  """Per-layer CNFA report: CNFM vs patch AGOP (and its square root), trained and at init.
+
+  Args:
+    model: a reference model built from `AnalysableConv`.
+    variables: trained `{'params': ..., ['batch_stats': ...]}`.
+    images: `(n, H, W, c)` images over which the AGOP is averaged.
+    initial_variables: the same model's variables at initialisation; adds the at-init measures
+      and the baseline corr(initial CNFM, trained CNFM).
+    chunk_size, layer_names, outputs: see `layer_agops`.
+    generic: also compute the generic AGOP (autodiff through explicit patches) at the trained
+      weights and record its relative Frobenius distance to the closed form.
+
+  Returns:
+    One `LayerRecord` per analysed layer, in forward order.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jconvrfm.models import VanillaCNN
+  >>> m = VanillaCNN(num_classes=3, width=4, depth=2)
+  >>> x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  >>> v = m.init(jax.random.key(0), x)
+  >>> [r.name for r in cnfa_report(m, v, x)]
+  ['conv_0', 'conv_1']
+  """
+  kw = dict(chunk_size=chunk_size, layer_names=layer_names, outputs=outputs)
+  g_trained = layer_agops(model, variables, images, **kw)
+  g_init = (layer_agops(model, initial_variables, images, **kw)
+            if initial_variables is not None else None)
+  g_generic = layer_agops(model, variables, images, generic=True, **kw) if generic else None
+  records = []
+  for name, g in g_trained.items():
+    kernel = analysis.layer_kernel(variables['params'], name)
+    fields = dict(zip(('corr_agop', 'cos_agop', 'corr_sqrt_agop', 'cos_sqrt_agop'),
+                      _measures(kernel, g)))
+    if g_init is not None:
+      k0 = analysis.layer_kernel(initial_variables['params'], name)
+      fields.update(zip(('init_corr_agop', 'init_cos_agop', 'init_corr_sqrt_agop',
+                         'init_cos_sqrt_agop'), _measures(k0, g_init[name])))
+      m, m0 = cnfa.cnfm(kernel), cnfa.cnfm(k0).astype(kernel.dtype)
+      fields['baseline_corr'] = float(cnfa.correlation(m0, m, True))
+      fields['baseline_cos'] = float(cnfa.correlation(m0, m, False))
+    if g_generic is not None:
+      a = np.asarray(g, np.float64)
+      b = np.asarray(g_generic[name], np.float64)
+      fields['generic_rel_error'] = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+    records.append(LayerRecord(name=name, kernel_shape=tuple(int(s) for s in kernel.shape),
+                               **fields))
+  return records
+
+
+def to_json(records: Sequence[LayerRecord], indent: Optional[int] = 2) -> str:
+  """JSON text of a report: a list of per-layer objects with the `LayerRecord` fields."""
+  return json.dumps([r._asdict() for r in records], indent=indent)
+
+
+def from_json(text: str) -> List[LayerRecord]:
+  """Inverse of `to_json`."""
+  out = []
+  for d in json.loads(text):
+    d['kernel_shape'] = tuple(d['kernel_shape'])
+    out.append(LayerRecord(**d))
+  return out
+
+
+def markdown_table(records: Sequence[LayerRecord]) -> str:
+  """A markdown table of a report (centered correlations; uncentered in parentheses)."""
+  fmt = lambda v: '-' if v is None else f'{v:.3f}'
+  rows = ['| layer | kernel | corr(CNFM, G) | corr(CNFM, G^1/2) | at init: corr(CNFM, G) | '
+          'baseline corr(CNFM_0, CNFM) |', '|---|---|---|---|---|---|']
+  for r in records:
+    rows.append(f'| {r.name} | {"x".join(map(str, r.kernel_shape))} | '
+                f'{fmt(r.corr_agop)} ({fmt(r.cos_agop)}) | '
+                f'{fmt(r.corr_sqrt_agop)} ({fmt(r.cos_sqrt_agop)}) | '
+                f'{fmt(r.init_corr_agop)} ({fmt(r.init_cos_agop)}) | '
+                f'{fmt(r.baseline_corr)} ({fmt(r.baseline_cos)}) |')
+  return '\n'.join(rows)
