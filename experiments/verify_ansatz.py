@@ -1,0 +1,234 @@
+r"""Train a reference CNN and check the Convolutional Neural Feature Ansatz layer by layer.
+
+Trains one of the Flax reference models (`jconvrfm.models`), evaluates it, and writes to
+`--workdir`:
+
+* `config.json`: the flags;
+* `metrics.jsonl`: one JSON record per epoch (train loss, accuracy and loss on the first
+  `--epoch_eval_images` test images);
+* `checkpoints/`: params, batch stats, optimizer state (a rerun resumes from the latest);
+* `cnfa.json`: per analysed conv layer, centered (Pearson) and uncentered correlations of the
+  trained CNFM `W W^T` with the patch AGOP `G` and with `G^(1/2)`, the same at initialisation,
+  and the baseline corr(initial CNFM, trained CNFM) (`jconvrfm.cnfa_report`);
+* `cnfa.md`: the same as a markdown table; `results.json`: accuracies and timings;
+* `cnfa.png`: bar chart per layer, trained corr(CNFM, G) and corr(CNFM, G^(1/2)) vs baseline.
+
+The paper's MNIST setting (4 conv layers of width 64, small init N(0, 0.005^2), 2,000 training
+images), about 5 minutes on a 2-core CPU:
+
+  python -m experiments.verify_ansatz --workdir=/tmp/cnfa_mnist --model=vanilla \
+    --dataset=mnist --train_split='train[:2000]' --test_split=test \
+    --manual_dir=../shared/data/mnist --tfds_data_dir=/tmp/tfds --init_scale=0.005 \
+    --optimizer=adam --learning_rate=1e-3 --loss=cross_entropy --epochs=15
+
+Myrtle-5 on the CIFAR-10 JPEG test images split 80/20 with a fixed seed:
+
+  python -m experiments.verify_ansatz --workdir=/tmp/cnfa_cifar --model=myrtle5 --width=32 \
+    --dataset=folder:../shared/data/cifar10_jpeg --train_split=test --holdout_fraction=0.2
+
+References:
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jconvrfm import models
+from jconvrfm._src import cnfa_report as report_lib
+from jconvrfm._src import train as train_lib
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    'vanilla': lambda nc, width, depth, init: models.VanillaCNN(
+        nc, width=width, depth=depth, kernel_init=init),
+    'myrtle5': lambda nc, width, depth, init: models.Myrtle(nc, width=width, depth=5,
+                                                            kernel_init=init),
+    'myrtle7': lambda nc, width, depth, init: models.Myrtle(nc, width=width, depth=7,
+                                                            kernel_init=init),
+    'myrtle10': lambda nc, width, depth, init: models.Myrtle(nc, width=width, depth=10,
+                                                             kernel_init=init),
+    'vgg11': lambda nc, width, depth, init: models.vgg11(nc, kernel_init=init),
+    'vgg11_bn': lambda nc, width, depth, init: models.vgg11(nc, batch_norm=True,
+                                                            kernel_init=init),
+    'resnet18': lambda nc, width, depth, init: models.resnet18(
+        nc, width=width, small_inputs=True, kernel_init=init),
+    'alexnet': lambda nc, width, depth, init: models.AlexNet(nc, kernel_init=init),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Settings of one run (the binary's flags)."""
+  model: str = 'vanilla'
+  width: int = 64
+  depth: int = 4
+  init_scale: float = 0.0  # > 0: conv kernels ~ N(0, init_scale^2); 0: Flax's lecun_normal.
+  dataset: str = 'mnist'
+  train_split: str = 'train[:2000]'
+  test_split: str = 'test'
+  holdout_fraction: float = 0.0  # > 0: split train_split into train/test, ignore test_split.
+  split_seed: int = 0
+  tfds_data_dir: Optional[str] = None
+  manual_dir: Optional[str] = None
+  optimizer: str = 'adam'
+  loss: str = 'cross_entropy'
+  learning_rate: float = 1e-3
+  momentum: float = 0.9
+  epochs: int = 15
+  batch_size: int = 64
+  seed: int = 0
+  agop_images: int = 500  # training images the AGOP is averaged over (0: all)
+  epoch_eval_images: int = 1000  # test images evaluated after each epoch (0: all)
+  chunk_size: int = 32
+  generic_check: bool = False  # also compute the generic (explicit-patch) AGOP
+
+
+def load_data(config: Config):
+  """Train and test `jconvrfm.data.Dataset`s as the config asks."""
+  from jconvrfm import data  # pylint: disable=g-import-not-at-top
+  kw = {}
+  if config.dataset.split(':')[0] not in data.PREFIXES or config.dataset.startswith('tfds:'):
+    kw = dict(data_dir=config.tfds_data_dir, manual_dir=config.manual_dir)
+  train = data.load(config.dataset, config.train_split, **kw)
+  if config.holdout_fraction > 0:
+    train, test = data.split(train, [1 - config.holdout_fraction, config.holdout_fraction],
+                             seed=config.split_seed)
+  else:
+    test = data.load(config.dataset, config.test_split, **kw)
+  return train, test
+
+
+def _bar_chart(records, path: pathlib.Path, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = [r.name for r in records]
+  x = np.arange(len(names))
+  fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
+  series = [('corr(CNFM, G) trained', [r.corr_agop for r in records]),
+            ('corr(CNFM, G^1/2) trained', [r.corr_sqrt_agop for r in records]),
+            ('baseline corr(CNFM_0, CNFM)', [r.baseline_corr for r in records])]
+  for i, (label, vals) in enumerate(series):
+    ax.bar(x + (i - 1) * 0.27, [np.nan if v is None else v for v in vals], 0.27, label=label)
+  ax.set_xticks(x, names, rotation=30, ha='right')
+  ax.set_ylim(min(0, *[v for _, vals in series for v in vals if v is not None]), 1)
+  ax.set_ylabel('Pearson correlation')
+  ax.set_title(title)
+  ax.legend(fontsize=7, loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(config: Config, workdir, *, train_data=None, test_data=None,
+        progress: bool = True) -> Dict[str, Any]:
+  """Trains, evaluates and writes the CNFA report; returns the results dict.
+
+  `train_data`/`test_data` (`jconvrfm.data.Dataset`s) replace loading (tests, notebooks).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(config), indent=2))
+  if config.model not in MODELS:
+    raise ValueError(f'`model` must be one of {sorted(MODELS)}, got {config.model!r}.')
+  if train_data is None:
+    t = time.time()
+    train_data, test_data = load_data(config)
+    logging.info('Loaded %s: train %s, test %s (%.1f s).', config.dataset,
+                 train_data.images.shape, test_data.images.shape, time.time() - t)
+  nc = int(train_data.num_classes)
+  init = (nn.initializers.normal(config.init_scale) if config.init_scale > 0 else
+          nn.initializers.lecun_normal())
+  model = MODELS[config.model](nc, config.width, config.depth, init)
+
+  n_eval = config.epoch_eval_images or test_data.images.shape[0]
+  t = time.time()
+  result = train_lib.train(
+      model, train_data.images, train_data.labels, num_classes=nc, epochs=config.epochs,
+      batch_size=config.batch_size, optimizer=config.optimizer,
+      learning_rate=config.learning_rate, momentum=config.momentum, loss=config.loss,
+      seed=config.seed, eval_images=test_data.images[:n_eval],
+      eval_labels=test_data.labels[:n_eval],
+      workdir=workdir, progress=progress)
+  train_time = time.time() - t
+  variables = result.state.variables
+  train_eval = train_lib.evaluate(model, variables, train_data.images, train_data.labels,
+                                  num_classes=nc, loss=config.loss)
+  test_eval = train_lib.evaluate(model, variables, test_data.images, test_data.labels,
+                                 num_classes=nc, loss=config.loss)
+  logging.info('train accuracy %.4f, test accuracy %.4f', train_eval['accuracy'],
+               test_eval['accuracy'])
+
+  # The same initialisation `train` started from (parameters drawn from `seed`).
+  initial = train_lib.init_state(model, train_lib.make_optimizer(config.optimizer),
+                                 train_data.images, config.seed).variables
+  n_agop = config.agop_images or train_data.images.shape[0]
+  agop_x = train_data.images[:n_agop]
+  t = time.time()
+  records = report_lib.cnfa_report(model, variables, agop_x, initial_variables=initial,
+                                   chunk_size=config.chunk_size, generic=config.generic_check)
+  report_time = time.time() - t
+  (workdir / 'cnfa.json').write_text(report_lib.to_json(records))
+  table = report_lib.markdown_table(records)
+  (workdir / 'cnfa.md').write_text(table + '\n')
+  logging.info('CNFA report (%d AGOP images):\n%s', agop_x.shape[0], table)
+  _bar_chart(records, workdir / 'cnfa.png',
+             f'{config.model} on {config.dataset}: test acc {test_eval["accuracy"]:.3f}')
+  results = {'train_accuracy': train_eval['accuracy'], 'test_accuracy': test_eval['accuracy'],
+             'test_loss': test_eval['loss'], 'n_train': int(train_data.images.shape[0]),
+             'n_test': int(test_data.images.shape[0]), 'n_agop': int(agop_x.shape[0]),
+             'train_time_s': train_time, 'report_time_s': report_time,
+             'steps': int(result.state.step), 'backend': jax.default_backend()}
+  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# absl wiring.
+# ----------------------------------------------------------------------------------------------
+
+_DEFAULTS = Config()
+_FLAG_HELP = {
+    'model': f'one of {sorted(MODELS)}', 'width': 'conv width (vanilla, Myrtle, ResNet)',
+    'depth': 'conv layers (vanilla)', 'init_scale': 'conv init std (0: lecun_normal)',
+    'dataset': "jconvrfm.data.load spec: 'mnist', 'cifar10', 'folder:<path>', ...",
+    'train_split': 'tfds split string', 'test_split': 'tfds split string',
+    'holdout_fraction': 'if > 0, split train_split into train/test with split_seed',
+    'split_seed': 'seed of the holdout split', 'tfds_data_dir': 'tfds data_dir',
+    'manual_dir': 'tfds manual_dir (offline files)', 'optimizer': 'adam or sgd',
+    'loss': 'mse or cross_entropy', 'learning_rate': 'learning rate',
+    'momentum': 'SGD momentum', 'epochs': 'epochs', 'batch_size': 'batch size',
+    'seed': 'init/shuffle seed', 'agop_images': 'training images for the AGOP (0: all)',
+    'chunk_size': 'images per AGOP chunk',
+    'epoch_eval_images': 'test images evaluated after each epoch (0: all; final eval: all)', 'generic_check': 'also compute the generic AGOP',
+}
+flags.DEFINE_string('workdir', None, 'output directory', required=True)
+for _f in dataclasses.fields(Config):
+  _default = getattr(_DEFAULTS, _f.name)
+  _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+      type(_default), flags.DEFINE_string)
+  _define(_f.name, _default, _FLAG_HELP[_f.name])
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data; keep it off GPUs.
+  config = Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)})
+  results = run(config, FLAGS.workdir)
+  logging.info('results: %s', results)
+
+
+if __name__ == '__main__':
+  app.run(main)
