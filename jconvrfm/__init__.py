@@ -40,6 +40,24 @@ from jconvrfm._src.tiling import kernel_matrix
 
 # --- ConvRFM and Deep ConvRFM --------------------------------------------------------------
 # (jconvrfm/_src/convrfm.py, deep_convrfm.py)
+from jconvrfm._src.convrfm import best_round as convrfm_best_round
+from jconvrfm._src.convrfm import ConvRFMConfig
+from jconvrfm._src.convrfm import ConvRFMState
+from jconvrfm._src.convrfm import convrfm_fit
+from jconvrfm._src.convrfm import convrfm_init
+from jconvrfm._src.convrfm import convrfm_predict
+from jconvrfm._src.convrfm import convrfm_step
+from jconvrfm._src.convrfm import metric_from_agop
+from jconvrfm._src.convrfm import RoundRecord
+from jconvrfm._src.deep_convrfm import deep_convrfm_fit
+from jconvrfm._src.deep_convrfm import deep_convrfm_predict
+from jconvrfm._src.deep_convrfm import deep_featurize
+from jconvrfm._src.deep_convrfm import DeepConvRFMConfig
+from jconvrfm._src.deep_convrfm import DeepConvRFMState
+from jconvrfm._src.deep_convrfm import sample_filters
+from jconvrfm._src.predictor_agop import predictor_agop_autodiff
+from jconvrfm._src.predictor_agop import predictor_agop_from_grams
+from jconvrfm._src.ridge import ridge_solve
 
 # --- models, training, CNFA report ---------------------------------------------------------
 # (jconvrfm/_src/models/, train.py, cnfa_report.py; the models are in `jconvrfm.models`)

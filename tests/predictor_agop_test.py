@@ -20,23 +20,30 @@ def toy_from_grams(gram, sq1, sq2):
   return jnp.sum(mixed, axis=(2, 3)) + 0.3 * jnp.sum(k1 * jnp.roll(k1, 1, axis=3), axis=(2, 3))
 
 
-def brute_force_agop(kernel_from_grams, x, alpha, z, q, padding, metric):
-  """Per-class `jax.grad` of f_c w.r.t. an explicit patch tensor of each z, float64."""
+def brute_force_agop(kernel_from_grams, x, alpha, z, q, padding, metric, z_indices=None):
+  """Per-class `jax.grad` of f_c w.r.t. an explicit patch tensor of each z, float64.
+
+  With `z_indices` (z = x[z_indices]) the Gram entry of each pair (x_i, x_i) is set to the
+  squared norm in value only (`stop_gradient` of the difference), as the fast path does.
+  """
   px = patches_lib.patches(x, q, padding=padding)
   pz_all = patches_lib.patches(z, q, padding=padding)
   mpx = px @ metric
   sqx = jnp.sum(mpx * px, -1)
 
-  def f(pz, c):
-    gram = jnp.einsum('mhwd,hwd->mhw', mpx, pz)[:, None]
-    sqz = jnp.sum((pz @ metric) * pz, -1)[None]
-    return alpha[:, c] @ kernel_from_grams(gram, sqx, sqz)[:, 0]
+  def f(pz, c, own):
+    gram = jnp.einsum('mhwd,hwd->mhw', mpx, pz)
+    sqz = jnp.sum((pz @ metric) * pz, -1)
+    if own is not None:
+      gram = gram.at[own].add(jax.lax.stop_gradient(sqx[own] - gram[own]))
+    return alpha[:, c] @ kernel_from_grams(gram[:, None], sqx, sqz[None])[:, 0]
 
   d = px.shape[-1]
   g = np.zeros((d, d))
-  for pz in pz_all:
+  for b, pz in enumerate(pz_all):
+    own = None if z_indices is None else int(z_indices[b])
     for c in range(alpha.shape[1]):
-      grad = np.asarray(jax.grad(f)(pz, c)).reshape(-1, d)
+      grad = np.asarray(jax.grad(f)(pz, c, own)).reshape(-1, d)
       g += grad.T @ grad
   return g / z.shape[0]
 
@@ -76,6 +83,29 @@ def test_autodiff_matches_brute_force(padding, with_metric):
       pa.GramKernelOnPatches(toy_from_grams), x, alpha, z, patch_size=3, padding=padding,
       metric=metric if with_metric else None)
   tolerances.assert_rel_fro(got, want, 1e-6, f'autodiff {padding}')
+
+
+def relu_ntk_from_grams(gram, sq1, sq2):
+  """A depth-2 ReLU-NTK-like kernel, with the NTK's kink at coinciding patches."""
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  return fused.conv_kernel_from_grams(gram, sq1, sq2, depth=2, patch_size=3, channels=2)
+
+
+@pytest.mark.parametrize('kernel', [toy_from_grams, relu_ntk_from_grams])
+def test_samples_from_training_set_match_brute_force(kernel):
+  x, alpha, _, metric = _problem(6, n=6)
+  idx = np.array([4, 1, 5])
+  want = brute_force_agop(kernel, x, alpha, x[idx], 3, 'VALID', metric, idx)
+  got = pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
+                                     metric=metric, train_block=4, z_block=2)
+  tolerances.assert_rel_fro(got, want, 1e-6, 'z_indices')
+  got_ad = pa.predictor_agop_autodiff(pa.GramKernelOnPatches(kernel), x, alpha, z_indices=idx,
+                                      patch_size=3, metric=metric)
+  assert got_ad.shape == got.shape
+  with pytest.raises(ValueError, match='exactly one'):
+    pa.predictor_agop_from_grams(kernel, x, alpha, x, z_indices=idx, patch_size=3)
+  with pytest.raises(ValueError, match='z_indices'):
+    pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=np.array([6]), patch_size=3)
 
 
 def test_chunking_does_not_change_result():

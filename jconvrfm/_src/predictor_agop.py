@@ -42,6 +42,7 @@ from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
@@ -87,12 +88,30 @@ def _check_result(g, what):
 
 
 def _block_sizes(n_train, n_z, positions, block_elements, train_block, z_block):
-  if train_block is None:
-    train_block = min(n_train, 256)
+  # The kernel's inner loops vectorise over the sample axis (minor in the vmapped layout), so
+  # prefer many sample images and few training images per block.
   if z_block is None:
-    z_block = max(1, block_elements // max(1, train_block * positions))
-  return (min(checks.check_positive_int(train_block, 'train_block'), n_train),
-          min(checks.check_positive_int(z_block, 'z_block'), n_z))
+    z_block = min(n_z, 256)
+  z_block = min(checks.check_positive_int(z_block, 'z_block'), n_z)
+  if train_block is None:
+    train_block = max(1, block_elements // max(1, z_block * positions))
+  return min(checks.check_positive_int(train_block, 'train_block'), n_train), z_block
+
+
+def _z_from_indices(x_train, z, z_indices):
+  """Returns `(z, indices or None)`; exactly one of `z`, `z_indices` must be given."""
+  if (z is None) == (z_indices is None):
+    raise ValueError('Give exactly one of `z` (sample images) and `z_indices` (indices of '
+                     'sample images in `x_train`).')
+  if z_indices is None:
+    return z, None
+  idx = np.asarray(z_indices)
+  if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+    raise ValueError(f'`z_indices` must be a non-empty 1-D integer array, got {idx!r}.')
+  n = np.shape(x_train)[0]
+  if idx.min() < 0 or idx.max() >= n:
+    raise ValueError(f'`z_indices` must lie in [0, {n}), got range [{idx.min()}, {idx.max()}].')
+  return jnp.asarray(x_train)[idx], idx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,36 +121,42 @@ def _block_sizes(n_train, n_z, positions, block_elements, train_block, z_block):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _v_from_grams(kernel_from_grams: GramKernelFn, px: jax.Array, mpx: jax.Array,
-                  sqx: jax.Array, alpha: jax.Array, pz: jax.Array,
-                  metric: jax.Array) -> jax.Array:
-  """Contribution of one training chunk to `v` (b, H', W', classes, d) for one sample block.
+                  sqx: jax.Array, alpha: jax.Array, pz: jax.Array, sqz: jax.Array,
+                  same: jax.Array) -> jax.Array:
+  """Contribution of one training chunk to `v` (H', W', b, classes, d) for one sample block.
 
   Args:
     kernel_from_grams: the kernel as a function of Gram entries.
     px: `(m, H', W', d)` untransformed training patches; `mpx = px @ M`; `sqx` `(m, H', W')`.
     alpha: `(m, classes)`.
-    pz: `(b, H', W', d)` untransformed sample patches.
-    metric: `(d, d)`.
+    pz: `(b, H', W', d)` untransformed sample patches, `sqz` `(b, H', W')` their squared
+      M-norms (computed like `sqx`).
+    same: `(m, b)` bool, True where sample b IS training image i: there the Gram entries are
+      set to exactly `sqx` (cos = 1 exactly), so that the kernel's derivative convention at
+      coinciding inputs applies instead of a rounding-dependent value of its singular
+      derivative.
   """
-  mpz = pz @ metric
-  sqz = jnp.sum(mpz * pz, axis=-1)                       # (b, H', W')
-  gram = jnp.einsum('mhwd,bhwd->mbhw', mpx, pz)           # (m, b, H', W')
-  sq_rep = jnp.broadcast_to(sqz, gram.shape)              # one copy of sq(z) per train image
+  gram = jnp.einsum('mhwd,bhwd->mbhw', mpx, pz)            # (m, b, H', W')
+  gram = jnp.where(same[:, :, None, None], sqx[:, None], gram)
+  sq_rep = jnp.broadcast_to(sqz, gram.shape)               # one copy of sq(z) per train image
 
   def total(gram, sq_rep):
-    def one_train_image(g_i, s1_i, s2_i):                 # (b,H,W), (H,W), (b,H,W) -> (b,)
+    def one_train_image(g_i, s1_i, s2_i):                  # (b,H,W), (H,W), (b,H,W) -> (b,)
       return kernel_from_grams(g_i[None], s1_i[None], s2_i)[0]
     return jnp.sum(jax.vmap(one_train_image)(gram, sqx, sq_rep))
 
-  a, b = jax.grad(total, argnums=(0, 1))(gram, sq_rep)    # (m, b, H', W') each
+  a, b = jax.grad(total, argnums=(0, 1))(gram, sq_rep)     # (m, b, H', W') each
   m, h, w, d = px.shape
   classes = alpha.shape[1]
-  # sum_i alpha_ic A[i, p] p_p(x_i): one batched matmul per position over the train axis.
+  # sum_i alpha_ic A[i, p] p_p(x_i): one matmul per position over the train axis (positions
+  # leading, which XLA's CPU batched dot handles far better than positions trailing).
   weighted = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
       m, h, w, classes * d)
-  v = jnp.einsum('mbhw,mhwk->bhwk', a, weighted).reshape(-1, h, w, classes, d)
-  coef = jnp.einsum('mbhw,mc->bhwc', b, alpha)
-  return v + 2 * coef[..., None] * pz[:, :, :, None, :]
+  v = jnp.einsum('hwmb,hwmk->hwbk', jnp.transpose(a, (2, 3, 0, 1)),
+                 jnp.transpose(weighted, (1, 2, 0, 3)))
+  v = v.reshape(h, w, -1, classes, d)
+  coef = jnp.einsum('mbhw,mc->hwbc', b, alpha)
+  return v + 2 * coef[..., None] * jnp.transpose(pz, (1, 2, 0, 3))[:, :, :, None, :]
 
 
 @jax.jit
@@ -140,11 +165,18 @@ def _outer_sum(v):
   return v.T @ v
 
 
+@jax.jit
+def _metric_patches(p, metric):
+  mp = p @ metric
+  return mp, jnp.sum(mp * p, axis=-1)
+
+
 def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                               x_train: jax.Array,
                               alpha: jax.Array,
-                              z: jax.Array,
+                              z: Optional[jax.Array] = None,
                               *,
+                              z_indices: Optional[np.ndarray] = None,
                               patch_size: int,
                               padding: Union[str, checks.Padding] = 'VALID',
                               metric: Optional[jax.Array] = None,
@@ -163,12 +195,17 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
       A kernel normalisation (e.g. division by `max K_train`) belongs in `alpha`.
     x_train: `(n, H, W, C)` NHWC training images (the predictor's centres); its dtype is used.
     alpha: `(n, classes)` predictor coefficients.
-    z: `(s, H, W, C)` sample images at which gradients are taken.
+    z: `(s, H, W, C)` sample images at which gradients are taken, or None with `z_indices`.
+    z_indices: `(s,)` indices of the sample images in `x_train` (instead of `z`). Use this
+      when sampling training images (the usual ConvRFM case): the pairs `(x_i, x_i)` then get
+      Gram entries exactly equal to the squared norms, so a kernel with a kink at coinciding
+      inputs (the ReLU NTK) uses its own derivative convention there, not a value of its
+      singular derivative that depends on rounding.
     patch_size: q (stride-1 patches, `d = q*q*C` in Flax kernel order).
     padding: the kernel's padding (VALID, SAME or CIRCULAR).
     metric: `(d, d)` symmetric PSD patch metric `M` (identity if None).
-    train_block: training images per chunk (default min(n, 256)).
-    z_block: sample images per chunk (default: `block_elements // (train_block * H' * W')`).
+    train_block: training images per chunk (default: `block_elements // (z_block * H' W')`).
+    z_block: sample images per chunk (default min(s, 256)).
     block_elements: bound on `train_block * z_block * H' * W'`, the size of one Gram block
       (the backward pass holds a few tens of arrays this size).
     progress: optional callable called with the number of sample images finished per block.
@@ -187,22 +224,29 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   >>> g.shape, float(g[0, 0])  # gradient 2 * ones(9) at each of 4 positions
   ((9, 9), 16.0)
   """
+  z, idx = _z_from_indices(x_train, z, z_indices)
   x_train, alpha, z, q, padding, metric = _check_inputs(
       x_train, alpha, z, patch_size, padding, metric)
   px = patches_lib.patches(x_train, q, padding=padding)
-  pz_all = patches_lib.patches(z, q, padding=padding)
   n, h, w, _ = px.shape
+  mpx, sqx = _metric_patches(px, metric)
+  if idx is None:
+    pz_all = patches_lib.patches(z, q, padding=padding)
+    sqz_all = _metric_patches(pz_all, metric)[1]
+    idx = np.full(pz_all.shape[0], -1)
+  else:
+    pz_all, sqz_all = px[idx], sqx[idx]   # bitwise the training values
   s = pz_all.shape[0]
   tb, zb = _block_sizes(n, s, h * w, block_elements, train_block, z_block)
-  mpx = px @ metric
-  sqx = jnp.sum(mpx * px, axis=-1)
   acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
   for z0 in range(0, s, zb):
-    pz = pz_all[z0:z0 + zb]
+    pz, sqz, zidx = pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb], idx[z0:z0 + zb]
     v = None
     for t0 in range(0, n, tb):
-      part = _v_from_grams(kernel_from_grams, px[t0:t0 + tb], mpx[t0:t0 + tb],
-                           sqx[t0:t0 + tb], alpha[t0:t0 + tb], pz, metric)
+      t1 = min(t0 + tb, n)
+      same = jnp.asarray(np.arange(t0, t1)[:, None] == zidx[None, :])
+      part = _v_from_grams(kernel_from_grams, px[t0:t1], mpx[t0:t1], sqx[t0:t1],
+                           alpha[t0:t1], pz, sqz, same)
       v = part if v is None else v + part
     acc = acc + _outer_sum(v)
     if progress is not None:
@@ -235,8 +279,9 @@ def _grads_autodiff(patch_kernel_fn: PatchKernelFn, spx: jax.Array, alpha: jax.A
 def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
                             x_train: jax.Array,
                             alpha: jax.Array,
-                            z: jax.Array,
+                            z: Optional[jax.Array] = None,
                             *,
+                            z_indices: Optional[np.ndarray] = None,
                             patch_size: int,
                             padding: Union[str, checks.Padding] = 'VALID',
                             metric: Optional[jax.Array] = None,
@@ -255,8 +300,9 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
     patch_kernel_fn: `(patches1 (n1, H', W', d), patches2 (n2, H', W', d)) -> (n1, n2)`, a
       differentiable kernel of (transformed) patch tensors; pass the same function object on
       every call to avoid recompiling.
-    x_train, alpha, z, patch_size, padding, metric, train_block, z_block, block_elements,
-      progress: as in `predictor_agop_from_grams`.
+    x_train, alpha, z, z_indices, patch_size, padding, metric, train_block, z_block,
+      block_elements, progress: as in `predictor_agop_from_grams` (here `z_indices` only
+      selects the images; no special treatment of coinciding inputs).
     sqrt_metric: `(d, d)` symmetric `S` with `S^2 = M`; computed from `metric` by an
       eigendecomposition (negative eigenvalues clipped) if None.
 
@@ -270,6 +316,7 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
   >>> float(predictor_agop_autodiff(k, x, alpha, x, patch_size=3)[0, 0])
   16.0
   """
+  z, _ = _z_from_indices(x_train, z, z_indices)
   x_train, alpha, z, q, padding, metric = _check_inputs(
       x_train, alpha, z, patch_size, padding, metric)
   if sqrt_metric is None:

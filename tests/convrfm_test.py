@@ -1,0 +1,189 @@
+"""Tests for jconvrfm._src.convrfm (ConvRFM fit / step / predict)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jconvrfm
+from jconvrfm._src import convrfm as crfm
+from jconvrfm._src import patches as patches_lib
+from jconvrfm._src.kernels import fused
+from jconvrfm._src.kernels import nt
+from tests import tolerances
+
+CFG = crfm.ConvRFMConfig(patch_size=3, depth=2, rounds=2, ridges=(1e-6, 1e-2), dtype='float64',
+                         val_fraction=0.25, seed=3)
+
+
+def _data(seed, n, size=7, channels=1):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, size, size, channels))
+  # Local signal: the sign of one fixed pixel block decides the class (3 classes).
+  s = x[:, 2:4, 3:5, 0].mean(axis=(1, 2))
+  y = np.digitize(s, [-0.3, 0.3]).astype(np.int32)
+  return x, y
+
+
+def test_round0_is_plain_cntk_ridge_regression():
+  x, y = _data(0, 20)
+  xt, yt = _data(1, 8)
+  state = crfm.convrfm_init(x, y, config=CFG, x_test=xt, y_test=yt)
+  state = crfm.convrfm_step(state, update_metric=False)
+  rec = state.history[0]
+  # Independent reference: the public CNTK on the same split, untiled, and numpy solves.
+  xf, yf, xv, yv = map(np.asarray, (state.x_fit, state.y_fit, state.x_val, state.y_val))
+  k = np.asarray(jconvrfm.conv_ntk(jnp.asarray(xf), depth=2, patch_size=3))
+  kv = np.asarray(jconvrfm.conv_ntk(jnp.asarray(xv), jnp.asarray(xf), depth=2, patch_size=3))
+  scale = k.max()
+  onehot = np.eye(3)[yf]
+  best = None
+  for lam in CFG.ridges:
+    alpha = np.linalg.solve(k / scale + lam * np.eye(len(yf)), onehot)
+    pred = kv / scale @ alpha
+    acc, mse = np.mean(pred.argmax(1) == yv), np.mean((pred - np.eye(3)[yv])**2)
+    if best is None or (acc, -mse) > best[:2]:
+      best = (acc, -mse, lam, alpha)
+  assert rec.ridge == best[2]
+  assert math.isclose(rec.kernel_scale, scale, rel_tol=1e-10)
+  tolerances.assert_rel_fro(rec.alpha, best[3], 1e-6, 'alpha')
+  assert rec.scores['val']['acc'] == best[0]
+  np.testing.assert_array_equal(rec.metric, np.eye(9))
+  assert set(rec.scores) == {'train', 'val', 'test'}
+
+
+def test_metric_update_matches_generic_patch_agop():
+  x, y = _data(2, 16)
+  state = crfm.convrfm_step(crfm.convrfm_init(x, y, config=CFG))
+  rec = state.history[0]
+  xf = state.x_fit
+  # Reference AGOP: jconvrfm.patch_agop (autodiff through explicit patches) of the predictor.
+  pf = patches_lib.patches(xf, 3)
+  gram_fn = crfm._gram_kernel(2, 3, jconvrfm.Padding.VALID, 1, fused.Kind.NTK)
+
+  def predictor(pz, pf, alpha):
+    gram = jnp.einsum('mhwd,hwd->mhw', pf, pz)
+    sq = jnp.sum(pf * pf, -1)
+    # The sample is a training image: its own Gram entry equals its squared norm exactly (in
+    # value; ConvRFM's fast AGOP does the same, see predictor_agop).
+    own = jnp.all(pf == pz[None], axis=(1, 2, 3))[:, None, None]
+    gram = gram + jax.lax.stop_gradient(jnp.where(own, sq - gram, 0))
+    k = gram_fn(gram[:, None], sq, jnp.sum(pz * pz, -1)[None])[:, 0]
+    return alpha.T @ k
+
+  g = jconvrfm.patch_agop(predictor, pf, pf, rec.alpha / rec.kernel_scale)
+  tolerances.assert_rel_fro(rec.agop, g, 1e-6, 'AGOP')
+  s = np.array(jconvrfm.sqrt_psd(g))
+  s /= np.linalg.norm(s)
+  tolerances.assert_rel_fro(state.next_metric, s @ s, 1e-6, 'next metric')
+  assert math.isclose(float(jnp.trace(state.next_metric)), 1.0, rel_tol=1e-9)  # ||S||_F = 1
+
+
+def test_stax_kernel_gives_the_same_run_as_the_fused_cntk():
+  x, y = _data(4, 16)
+  fused_state = crfm.convrfm_fit(x, y, config=CFG)
+  _, _, kernel_fn = nt.cntk_stax(2, 3, jconvrfm.Padding.VALID)
+  stax_state = crfm.convrfm_fit(x, y, config=CFG, stax_kernel_fn=kernel_fn)
+  # neural-tangents' depth-2 CNTK itself differs from the closed form by ~3e-6 (relative) in
+  # float64, so the two runs can only agree to that level.
+  for a, b in zip(fused_state.history, stax_state.history):
+    assert a.ridge == b.ridge
+    for split in a.scores:
+      assert a.scores[split] == pytest.approx(b.scores[split], rel=1e-4)
+    tolerances.assert_rel_fro(a.metric, b.metric, 1e-4, 'metric')
+    tolerances.assert_rel_fro(a.alpha, b.alpha, 1e-4, 'alpha')
+  tolerances.assert_rel_fro(fused_state.history[0].agop, stax_state.history[0].agop, 1e-4,
+                            'AGOP')
+
+
+def test_steps_resume_and_predict():
+  x, y = _data(5, 16)
+  xt, yt = _data(6, 6)
+  full = crfm.convrfm_fit(x, y, config=CFG._replace(rounds=3), x_test=xt, y_test=yt)
+  # Resume: a fresh init with round 1's metric restored continues identically.
+  resumed = crfm.convrfm_init(x, y, config=CFG._replace(rounds=3), x_test=xt, y_test=yt)
+  resumed = resumed._replace(history=full.history[:1], next_metric=full.history[1].metric)
+  resumed = crfm.convrfm_step(crfm.convrfm_step(resumed))
+  for a, b in zip(full.history, resumed.history):
+    tolerances.assert_rel_fro(b.metric, a.metric, 1e-12)
+    assert a.scores == b.scores
+  assert full.history[-1].next_metric is None  # no AGOP after the last round
+  with pytest.raises(ValueError, match='finished all 3 rounds'):
+    crfm.convrfm_step(full)
+  best = crfm.best_round(full)
+  pred = crfm.convrfm_predict(full, xt)
+  assert pred.shape == (6, 3)
+  acc = float(np.mean(np.asarray(pred).argmax(1) == yt))
+  assert acc == best.scores['test']['acc']
+
+
+def test_validation_split_is_seeded_and_disjoint():
+  x, y = _data(7, 20)
+  a = crfm.convrfm_init(x, y, config=CFG)
+  b = crfm.convrfm_init(x, y, config=CFG)
+  c = crfm.convrfm_init(x, y, config=CFG._replace(seed=4))
+  assert a.x_fit.shape[0] == 15 and a.x_val.shape[0] == 5
+  np.testing.assert_array_equal(a.x_val, b.x_val)
+  assert not np.array_equal(a.x_val, c.x_val)
+  rows = {tuple(r) for r in np.asarray(a.x_fit).reshape(15, -1)}
+  assert not rows & {tuple(r) for r in np.asarray(a.x_val).reshape(5, -1)}
+
+
+def test_select_on_test_uses_the_test_split():
+  x, y = _data(8, 12)
+  xt, yt = _data(9, 6)
+  state = crfm.convrfm_fit(x, y, config=CFG._replace(select_on_test=True, rounds=1),
+                           x_test=xt, y_test=yt)
+  assert state.selection_split == 'test' and state.x_val is None
+  assert state.x_fit.shape[0] == 12
+  rec = state.history[0]
+  assert max((r['test']['acc'], -r['test']['mse']) for r in rec.ridge_scores) == (
+      rec.scores['test']['acc'], -rec.scores['test']['mse'])
+  with pytest.raises(ValueError, match='needs `x_test`'):
+    crfm.convrfm_init(x, y, config=CFG._replace(select_on_test=True))
+
+
+def test_float32_dtype_is_kept():
+  x, y = _data(10, 12)
+  state = crfm.convrfm_fit(x, y, config=CFG._replace(dtype='float32', rounds=2))
+  assert state.x_fit.dtype == jnp.float32
+  assert state.history[1].metric.dtype == jnp.float32
+  assert state.history[0].alpha.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(y=np.full(12, 5)), r'labels must lie in \[0, 3\)'),
+    (dict(y=np.zeros(11, np.int32)), '11 labels'),
+    (dict(y=-np.ones(12, np.int32)), 'labels must lie'),
+    (dict(x=np.full((12, 7, 7, 1), np.nan)), 'NaN'),
+    (dict(x=np.zeros((0, 7, 7, 1)), y=np.zeros(0, np.int32)), 'empty'),
+    (dict(x=np.zeros((12, 7, 7))), 'rank 4'),
+    (dict(config=CFG._replace(val_fraction=0.0)), 'No selection split'),
+    (dict(config=CFG._replace(ridges=())), 'ridges'),
+    (dict(config=CFG._replace(normalize='mean')), 'normalize'),
+    (dict(config=CFG._replace(padding='FULL')), 'padding'),
+    (dict(config=CFG._replace(keep_fraction=0.0)), 'keep_fraction'),
+])
+def test_bad_input(change, match):
+  x, y = _data(11, 12)
+  args = dict(x=x, y=y, config=CFG)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    crfm.convrfm_init(args['x'], args['y'], config=args['config'], num_classes=3)
+
+
+def test_metric_from_agop_options():
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(4, 4))
+  g = f @ f.T
+  e, u = np.linalg.eigh(g)
+  m = crfm.metric_from_agop(jnp.asarray(g))
+  tolerances.assert_rel_fro(m, g / np.linalg.norm((u * np.sqrt(e)) @ u.T)**2, 1e-10)
+  m1 = crfm.metric_from_agop(jnp.asarray(g), power=1.0, keep_fraction=0.25)
+  s = e[-1] * np.outer(u[:, -1], u[:, -1])
+  s /= np.linalg.norm(s)
+  tolerances.assert_rel_fro(m1, s @ s, 1e-10)
+  with pytest.raises(ValueError, match='AGOP is zero'):
+    crfm.metric_from_agop(jnp.zeros((3, 3)))
