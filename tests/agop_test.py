@@ -256,14 +256,17 @@ def test_jit_vmap_and_no_recompile(setup):
   batched = jax.vmap(lambda prm: jconvrfm.patch_agop(fn, p, prm, chunk_size=2))(stacked)
   for i, prm in enumerate((params, params2)):
     tolerances.assert_rel_fro(batched[i], jconvrfm.patch_agop(fn, p, prm), 1e-12, f'vmap {i}')
-  # Closed form under vmap over kernels and jit.
+  # Closed form under vmap over kernels and jit. (power=1: with power 1/2 this rank-3 G (k = 3,
+  # d = 20) has 17 rounding-level eigenvalues whose roots are O(sqrt(eps)), and batched and
+  # unbatched eigensolvers differ there on GPU.)
   deltas = preact_grads(x, params, 2)
   kernels = jnp.stack([params['convs'][2][0], params2['convs'][2][0]])
-  vc = jax.vmap(lambda k: jconvrfm.conv_agop(k, deltas, power=0.5))(kernels)
-  tolerances.assert_rel_fro(vc[1], jconvrfm.conv_agop(kernels[1], deltas, power=0.5), 1e-12,
-                            'conv_agop vmap')
+  vc = jax.vmap(lambda k: jconvrfm.conv_agop(k, deltas, centered=True))(kernels)
+  for i in range(2):
+    tolerances.assert_rel_fro(vc[i], jconvrfm.conv_agop(kernels[i], deltas, centered=True),
+                              1e-12, f'conv_agop vmap {i}')
   tolerances.assert_rel_fro(jax.jit(jconvrfm.conv_agop)(kernels[0], deltas),
-                            jconvrfm.conv_agop(kernels[0], deltas), 1e-14, 'conv_agop jit')
+                            jconvrfm.conv_agop(kernels[0], deltas), 1e-12, 'conv_agop jit')
   # A second call with the same function and shapes does not recompile.
   before = agop_lib._patch_agop_sums._cache_size()
   jconvrfm.patch_agop(fn, p + 1, params, centered=True)

@@ -19,7 +19,8 @@ reports it, the device's `peak_bytes_in_use`; a baseline subprocess that only im
 the parameters and one input block gives the fixed overhead. The two results are compared
 (relative Frobenius error) in the same run.
 
-Launch (full size; an H100/H200 takes about a minute, two CPU cores far longer):
+Launch (full size: about 4.5 minutes wall on one H200, memory subprocesses included; two CPU
+cores would need hours, use --num_images there):
 
   PYTHONPATH=. python experiments/benchmarks/agop_benchmark.py --num_images=10000
 
@@ -63,6 +64,10 @@ _LAYERS = flags.DEFINE_list('layers', [], 'Conv layers to benchmark (0-based); e
 _VARIANTS = flags.DEFINE_list('variants', ['closed', 'generic'], 'Variants to run.')
 _MEASURE_MEMORY = flags.DEFINE_bool('measure_memory', True,
                                     'Measure peak memory per variant in subprocesses.')
+_PRECISION = flags.DEFINE_enum(
+    'matmul_precision', 'default', ['default', 'high', 'highest'],
+    'jax_default_matmul_precision of the network (the AGOP reductions inside jconvrfm always use '
+    'HIGHEST). "default" allows TF32 convolutions on recent NVIDIA GPUs.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of parameters and images.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'If set, write results.json there.')
 _WORKER = flags.DEFINE_string('worker', None,
@@ -218,6 +223,7 @@ def fmt(value, spec='.1f'):
 
 def main(argv):
   del argv
+  jax.config.update('jax_default_matmul_precision', _PRECISION.value)
   cfg = dict(num_images=_NUM_IMAGES.value, block_size=_BLOCK_SIZE.value,
              agop_chunk=_AGOP_CHUNK.value, image_size=_IMAGE_SIZE.value,
              channels=_CHANNELS.value)
@@ -263,7 +269,8 @@ def main(argv):
   print(f'\nPatch AGOP benchmark: {device.device_kind} ({device.platform}), '
         f'{cfg["num_images"]} images {cfg["image_size"]}x{cfg["image_size"]}x{cfg["channels"]}, '
         f'{_DEPTH.value} conv layers of width {_WIDTH.value}, {_NUM_CLASSES.value} logits, '
-        f'block {cfg["block_size"]}, median of {_REPEATS.value} after compilation.')
+        f'block {cfg["block_size"]}, matmul precision {_PRECISION.value}, '
+        f'median of {_REPEATS.value} after compilation.')
   if baseline:
     print(f'Baseline process (imports, params, one input block): host '
           f'{fmt(baseline["host_peak_mb"])} MB, device {fmt(baseline["device_peak_mb"])} MB.')
