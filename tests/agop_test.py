@@ -320,6 +320,8 @@ def test_errors(setup):
     jconvrfm.patch_agop(lambda pt: jnp.outer(pt.ravel(), pt.ravel()), p)
   with pytest.raises(ValueError, match='failed on one example'):
     jconvrfm.patch_agop(lambda pt, w: pt @ w, p, jnp.ones((7, 2)))
+  with pytest.raises(ValueError, match='not finite'):  # d|p|/dp at p = 0 is NaN.
+    jconvrfm.patch_agop(lambda pt: jnp.sqrt(jnp.sum(pt ** 2, -1)).ravel(), p.at[0].set(0.0))
   with pytest.raises(ValueError, match='chunk_size'):
     jconvrfm.patch_agop(fn, p, params, chunk_size=0)
   with pytest.raises(ValueError, match='reduce_positions'):

@@ -170,7 +170,7 @@ def patch_agop(fn: Callable[..., jax.Array],
   Raises:
     TypeError: `fn` not callable, bad option types.
     ValueError: wrong rank, empty or non-finite `patch_tensor`, `fn` returning an array of rank
-      > 1, bad option values.
+      > 1, non-finite gradients of `fn` (checked outside transformations), bad option values.
 
   Example:
     >>> import jax.numpy as jnp
@@ -195,7 +195,8 @@ def patch_agop(fn: Callable[..., jax.Array],
     raise ValueError(f'`patch_tensor` must have non-empty positions and features, got shape '
                      f'{tuple(patch_tensor.shape)}.')
   try:
-    out = jax.eval_shape(lambda p: fn(p, *args), patch_tensor[0])
+    out = jax.eval_shape(lambda p: fn(p, *args),
+                         jax.ShapeDtypeStruct((out_h, out_w, d), patch_tensor.dtype))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"`fn` failed on one example of shape {(out_h, out_w, d)} (H', W', d) "
                      f'with the given args: {e}') from e
@@ -213,6 +214,10 @@ def patch_agop(fn: Callable[..., jax.Array],
   forward = k > out_h * out_w * d
   g_sum, grad_sum = _patch_agop_sums(fn, patch_tensor, tuple(args), chunk_size, centered,
                                      forward)
+  if checks.is_concrete(g_sum) and not bool(jnp.all(jnp.isfinite(g_sum))):
+    raise ValueError('The gradients of `fn` w.r.t. the patches are not finite (NaN or Inf) for '
+                     'some example; fix `fn` (e.g. a norm or square root at zero) rather than '
+                     'the AGOP.')
   mean_grads = grad_sum / n if centered else None
   return _finish(g_sum / n, mean_grads, out_h * out_w, power, reduce_positions)
 

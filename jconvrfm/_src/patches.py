@@ -135,7 +135,4 @@ def patches(x: jax.Array,
     raise ValueError(
         f'`patch_size` ({q}) must not exceed the image height and width ({height} x {width}) '
         'with VALID padding; use SAME or CIRCULAR padding or a smaller patch.')
-  if height == 0 or width == 0 or x.shape[3] == 0:
-    raise ValueError(f'`x` must have non-zero height, width and channels, got shape '
-                     f'{tuple(x.shape)}.')
   return _patches(x, q, s, pad)
