@@ -1,0 +1,389 @@
+"""Tests for `jconvrfm.conv_ntk`, the fused closed form and the neural-tangents path.
+
+References held against the fused kernel: neural-tangents `stax` on expanded images (the
+paper's construction), Monte Carlo estimates from wide finite Flax networks, central finite
+differences, the exact identity `M = I` (metric path == identity path), and symmetric
+(two-sided) limits at zero patches.
+"""
+
+import functools
+import itertools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jconvrfm
+from jconvrfm._src.kernels import fused
+from jconvrfm._src.kernels import nt as nt_lib
+from tests import tolerances
+
+PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
+
+
+def _random_psd(rng, d, dtype=np.float64, rank=None):
+  a = rng.normal(size=(d, rank or d))
+  return jnp.asarray(a @ a.T / d, dtype)
+
+
+def _images(rng, n, h, w, c, dtype=np.float64):
+  return jnp.asarray(rng.uniform(-1, 1, size=(n, h, w, c)), dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Fused == neural-tangents over the whole grid.
+# ------------------------------------------------------------------------------------------
+
+
+def _grid_sizes(padding, q):
+  """Small non-square images; under VALID the depth-5 map is 2 x 3. One size per (padding,
+  q) for all depths, so that op-by-op execution reuses its compiled ops across depths."""
+  if padding == 'VALID':
+    return 5 * (q - 1) + 2, 5 * (q - 1) + 3
+  return 8, 7
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+def test_fused_matches_neural_tangents_grid(padding):
+  """depth 1..5 x q in {3, 5} x c in {1, 3} x {no metric, random PSD metric} x both kinds.
+
+  Runs op by op (`disable_jit`): the grid would otherwise spend minutes compiling; the
+  compiled path is compared in `test_fused_compiled_float32_matches_nt` and elsewhere.
+  """
+  rng = np.random.default_rng(PADDINGS.index(padding))
+  worst = {np.float64: 0.0}
+  with jax.disable_jit():
+    for q, c, use_metric in itertools.product((3, 5), (1, 3), (False, True)):
+      metric64 = _random_psd(rng, q * q * c) if use_metric else None
+      h, w = _grid_sizes(padding, q)
+      x1 = _images(rng, 3, h, w, c)
+      x2 = _images(rng, 4, h, w, c)
+      for depth in range(1, 6):
+        # float32 across the grid would double the runtime; it is covered by the compiled
+        # comparison below (all paddings, both kinds, with a metric).
+        for dtype, tol in ((np.float64, 1e-6),):
+          a, b = x1.astype(dtype), x2.astype(dtype)
+          metric = None if metric64 is None else metric64.astype(dtype)
+          _, _, kernel_fn = nt_lib.cntk_stax(depth, q, jconvrfm.Padding(padding))
+          e1 = jconvrfm.expand_patches(a, q, padding=padding, metric=metric)
+          e2 = jconvrfm.expand_patches(b, q, padding=padding, metric=metric)
+          ref = kernel_fn(e1, e2, ('nngp', 'ntk'))
+          for kind in ('nngp', 'ntk'):
+            got = jconvrfm.conv_ntk(a, b, depth=depth, patch_size=q, padding=padding,
+                                    metric=metric, kind=kind)
+            assert got.dtype == dtype and got.shape == (3, 4)
+            err = tolerances.rel_fro(got, getattr(ref, kind))
+            worst[dtype] = max(worst[dtype], err)
+            assert err <= tol, (padding, q, c, use_metric, depth, kind, dtype, err)
+  assert worst[np.float64] > 0  # the comparison is not vacuous
+
+
+def test_fused_compiled_float32_matches_nt():
+  rng = np.random.default_rng(7)
+  x1 = _images(rng, 4, 11, 10, 3, np.float32)
+  x2 = _images(rng, 3, 11, 10, 3, np.float32)
+  metric = _random_psd(rng, 27, np.float32)
+  for padding, kind in itertools.product(PADDINGS, ('nngp', 'ntk')):
+    kw = dict(depth=3, patch_size=3, padding=padding, metric=metric, kind=kind)
+    got = jconvrfm.conv_ntk(x1, x2, **kw)
+    ref = jconvrfm.conv_ntk(x1, x2, impl='nt', **kw)
+    assert got.dtype == jnp.float32
+    tolerances.assert_rel_fro(got, ref, 1e-4, f'{padding} {kind}')
+
+
+def test_x2_none_and_tiling_and_identity_metric():
+  rng = np.random.default_rng(8)
+  x = _images(rng, 5, 9, 9, 2)
+  kw = dict(depth=2, patch_size=3, padding='SAME')
+  k = jconvrfm.conv_ntk(x, **kw)
+  np.testing.assert_allclose(k, k.T, rtol=1e-12)
+  tolerances.assert_rel_fro(k, jconvrfm.conv_ntk(x, x, **kw), 1e-14, 'x2=None')
+  # The metric path (explicit patches) with M = I equals the identity path (pixel sums).
+  # (Distinct images: on K(x, x) the angle sits at the arccos kink, where rounding of 1e-16
+  # in cos t moves t by 1e-8 and the two paths agree only to ~1e-9.)
+  y = _images(rng, 3, 9, 9, 2)
+  tolerances.assert_rel_fro(jconvrfm.conv_ntk(x, y, metric=jnp.eye(18), **kw),
+                            jconvrfm.conv_ntk(x, y, **kw), 1e-12, 'M=I')
+  tolerances.assert_rel_fro(jconvrfm.conv_ntk(x, metric=jnp.eye(18), **kw), k, 1e-8, 'M=I')
+  # Tiled loops (with a ragged last tile) equal the one-piece computation.
+  whole = fused.fused_conv_kernel(x, x[:4], None, 2, 3, jconvrfm.Padding.SAME,
+                                  fused.Kind.NTK, tile=(5, 4))
+  tiled = fused.fused_conv_kernel(x, x[:4], None, 2, 3, jconvrfm.Padding.SAME,
+                                  fused.Kind.NTK, tile=(2, 3))
+  tolerances.assert_rel_fro(tiled, whole, 1e-14, 'tiles')
+
+
+def test_grams_and_recursion_compose_to_conv_ntk():
+  rng = np.random.default_rng(9)
+  x1, x2 = _images(rng, 3, 8, 8, 2), _images(rng, 2, 8, 8, 2)
+  metric = _random_psd(rng, 18)
+  g12, s1, s2 = jconvrfm.patch_grams(x1, x2, patch_size=3, padding='CIRCULAR', metric=metric)
+  # Brute force Grams from explicit patches.
+  p1 = np.asarray(jconvrfm.patches(x1, 3, padding='CIRCULAR'))
+  p2 = np.asarray(jconvrfm.patches(x2, 3, padding='CIRCULAR'))
+  m = np.asarray(metric)
+  np.testing.assert_allclose(g12, np.einsum('aijd,de,bije->abij', p1, m, p2), rtol=1e-12)
+  np.testing.assert_allclose(s1, np.einsum('aijd,de,aije->aij', p1, m, p1), rtol=1e-12)
+  np.testing.assert_allclose(s2, np.einsum('aijd,de,aije->aij', p2, m, p2), rtol=1e-12)
+  k = jconvrfm.conv_kernel_from_grams(g12, s1, s2, depth=3, patch_size=3,
+                                      padding='CIRCULAR', channels=2, kind='ntk')
+  ref = jconvrfm.conv_ntk(x1, x2, depth=3, patch_size=3, padding='CIRCULAR', metric=metric)
+  tolerances.assert_rel_fro(k, ref, 1e-13, 'grams -> kernel')
+
+
+def test_stax_conv_kernel_adapter_matches_conv_ntk():
+  rng = np.random.default_rng(10)
+  x1, x2 = _images(rng, 3, 9, 8, 1), _images(rng, 2, 9, 8, 1)
+  metric = _random_psd(rng, 9)
+  _, _, kernel_fn = nt_lib.cntk_stax(2, 3, jconvrfm.Padding.SAME)
+  kernel = jconvrfm.stax_conv_kernel(kernel_fn, patch_size=3, padding='SAME', kind='nngp')
+  ref = jconvrfm.conv_ntk(x1, x2, depth=2, patch_size=3, padding='SAME', metric=metric,
+                          kind='nngp')
+  tolerances.assert_rel_fro(kernel(x1, x2, metric=metric), ref, 1e-10, 'adapter')
+
+
+# ------------------------------------------------------------------------------------------
+# Monte Carlo: wide finite Flax networks in NTK parameterisation.
+# ------------------------------------------------------------------------------------------
+
+
+class _NtkConv(nn.Module):
+  """Conv in NTK parameterisation: W ~ N(0, 1), output scaled by W_std / sqrt(fan_in)."""
+  features: int
+  q: int
+  padding: str
+  w_std: float
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.normal(1.0),
+                        (self.q, self.q, c, self.features), x.dtype)
+    if self.padding == 'CIRCULAR':
+      lo, hi = (self.q - 1) // 2, self.q - 1 - (self.q - 1) // 2
+      x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode='wrap')
+      pad = 'VALID'
+    else:
+      pad = self.padding
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), pad,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y * (self.w_std / math.sqrt(self.q * self.q * c))
+
+
+class _Cnn(nn.Module):
+  """The ConvRFM base CNN at finite width: depth x [conv, sqrt(2) relu], flatten, dense."""
+  width: int
+  depth: int
+  q: int
+  padding: str
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = _NtkConv(self.width, self.q, self.padding, float(self.q))(x)
+      x = math.sqrt(2.0) * nn.relu(x)
+    x = x.reshape(x.shape[0], -1)
+    w = self.param('readout', nn.initializers.normal(1.0), (x.shape[-1], 1), x.dtype)
+    return (x @ w)[:, 0] / math.sqrt(x.shape[-1])
+
+
+def test_fused_matches_monte_carlo_nngp():
+  rng = np.random.default_rng(11)
+  x = _images(rng, 3, 6, 6, 2)
+  model = _Cnn(width=256, depth=2, q=3, padding='SAME')
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+  outs = jax.lax.map(lambda k: model.apply(model.init(k, x), x), keys)  # (inits, n)
+  prods = outs[:, :, None] * outs[:, None, :]
+  est, se = jnp.mean(prods, 0), jnp.std(prods, 0) / math.sqrt(prods.shape[0])
+  k = jconvrfm.conv_ntk(x, depth=2, patch_size=3, padding='SAME', kind='nngp')
+  assert bool(jnp.all(jnp.abs(est - k) <= 4 * se)), (est, k, se)
+  assert float(jnp.max(se / jnp.abs(k))) < 0.15  # the check has teeth
+
+
+def test_fused_matches_monte_carlo_ntk():
+  rng = np.random.default_rng(12)
+  x = _images(rng, 3, 7, 7, 1)
+  model = _Cnn(width=128, depth=2, q=3, padding='VALID')
+
+  def empirical_ntk(key):
+    params = model.init(key, x)
+    jac = jax.jacrev(lambda p: model.apply(p, x))(params)
+    flat = jnp.concatenate([l.reshape(x.shape[0], -1) for l in jax.tree_util.tree_leaves(jac)],
+                           axis=1)
+    return flat @ flat.T
+
+  keys = jax.random.split(jax.random.PRNGKey(1), 48)
+  ntks = jax.lax.map(empirical_ntk, keys)
+  est, se = jnp.mean(ntks, 0), jnp.std(ntks, 0) / math.sqrt(ntks.shape[0])
+  k = jconvrfm.conv_ntk(x, depth=2, patch_size=3, padding='VALID', kind='ntk')
+  assert bool(jnp.all(jnp.abs(est - k) <= 4 * se)), (est, k, se)
+  assert float(jnp.max(se / jnp.abs(k))) < 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# Gradients: central finite differences in float64.
+# ------------------------------------------------------------------------------------------
+
+
+def _directional_fd(f, x, v, h=1e-5):
+  return (f(x + h * v) - f(x - h * v)) / (2 * h)
+
+
+@pytest.mark.parametrize('padding,kind', [('VALID', 'ntk'), ('SAME', 'nngp'),
+                                          ('CIRCULAR', 'ntk')])
+def test_gradients_match_finite_differences(padding, kind):
+  rng = np.random.default_rng(13)
+  x1, x2 = _images(rng, 3, 8, 7, 2), _images(rng, 2, 8, 7, 2)
+  metric = _random_psd(rng, 18)
+  weights = jnp.asarray(rng.normal(size=(3, 2)))
+  kw = dict(depth=3, patch_size=3, padding=padding, kind=kind)
+
+  def loss(a, b, m):
+    return jnp.sum(weights * jconvrfm.conv_ntk(a, b, metric=m, **kw))
+
+  g1, g2, gm = jax.grad(loss, argnums=(0, 1, 2))(x1, x2, metric)
+  v1, v2 = jnp.asarray(rng.normal(size=x1.shape)), jnp.asarray(rng.normal(size=x2.shape))
+  e = rng.normal(size=metric.shape)
+  e = jnp.asarray(e + e.T)
+  fd1 = _directional_fd(lambda a: loss(a, x2, metric), x1, v1)
+  fd2 = _directional_fd(lambda b: loss(x1, b, metric), x2, v2)
+  fdm = _directional_fd(lambda m: loss(x1, x2, m), metric, e)
+  np.testing.assert_allclose(jnp.vdot(g1, v1), fd1, rtol=1e-6)
+  np.testing.assert_allclose(jnp.vdot(g2, v2), fd2, rtol=1e-6)
+  np.testing.assert_allclose(jnp.vdot(gm, e), fdm, rtol=1e-6)
+
+
+def test_jit_vmap_grad_compose():
+  rng = np.random.default_rng(14)
+  x1, x2 = _images(rng, 2, 7, 7, 1), _images(rng, 3, 7, 7, 1)
+  f = functools.partial(jconvrfm.conv_ntk, depth=2, patch_size=3, padding='SAME')
+  jitted = jax.jit(lambda a, b: f(a, b))(x1, x2)
+  tolerances.assert_rel_fro(jitted, f(x1, x2), 1e-13, 'jit')
+  per_row = jax.vmap(lambda a: f(a[None], x2)[0])(x1)
+  tolerances.assert_rel_fro(per_row, f(x1, x2), 1e-13, 'vmap')
+  g = jax.grad(lambda a: jnp.sum(f(a, x2)))(x1)
+  assert g.shape == x1.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+# ------------------------------------------------------------------------------------------
+# Zero patches and images: finite values, finite gradients equal to the two-sided limit.
+# ------------------------------------------------------------------------------------------
+
+
+def test_zero_image_gives_zero_row_and_finite_gradients():
+  rng = np.random.default_rng(15)
+  x1 = _images(rng, 3, 8, 8, 1).at[1].set(0.0)
+  x2 = _images(rng, 2, 8, 8, 1)
+  metric = _random_psd(rng, 9)
+  for kind in ('nngp', 'ntk'):
+    f = lambda a, b, m, kind=kind: jconvrfm.conv_ntk(a, b, depth=3, patch_size=3,
+                                                     padding='SAME', metric=m, kind=kind)
+    k = f(x1, x2, metric)
+    assert bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(k[1] == 0))
+    grads = jax.grad(lambda a, b, m: jnp.sum(f(a, b, m)), argnums=(0, 1, 2))(x1, x2, metric)
+    for g in grads:
+      assert bool(jnp.all(jnp.isfinite(g)))
+    # K(0, x2) == 0 for every x2, so its x2-gradient is 0: the limit of the gradients at
+    # eps * x1, which scale with eps (the kernel is 1-homogeneous in each argument).
+    row = lambda a, b: jnp.sum(f(a[None], b, metric))
+    g_zero = jax.grad(row, argnums=1)(x1[1], x2)
+    g_eps = jax.grad(row, argnums=1)(1e-9 * x1[0], x2)
+    assert float(jnp.max(jnp.abs(g_zero))) == 0.0
+    assert float(jnp.max(jnp.abs(g_eps))) < 1e-6
+
+
+@pytest.mark.parametrize('kind', ['nngp', 'ntk'])
+def test_gradient_at_zero_patches_is_the_two_sided_limit(kind):
+  """Depth 1: the kernel is 1-homogeneous in each zero patch, so the gradient is defined
+  as the symmetric limit `(K(x + h v) - K(x - h v)) / 2h` (exact in h for the fully zero
+  patches; patches that overlap non-zero pixels are smooth, O(h^2))."""
+  rng = np.random.default_rng(16)
+  x1 = _images(rng, 2, 9, 9, 1).at[:, :6, :6, :].set(0.0)  # zero region: 4 x 4 zero patches
+  x2 = _images(rng, 2, 9, 9, 1)
+  v = jnp.zeros_like(x1).at[:, :6, :6, :].set(jnp.asarray(rng.normal(size=(2, 6, 6, 1))))
+  loss = lambda a: jnp.sum(jconvrfm.conv_ntk(a, x2, depth=1, patch_size=3, kind=kind))
+  g = jax.grad(loss)(x1)
+  assert bool(jnp.all(jnp.isfinite(g)))
+  for h in (1e-5, 1e-6):
+    np.testing.assert_allclose(jnp.vdot(g, v), _directional_fd(loss, x1, v, h), rtol=1e-7)
+
+
+def test_low_rank_metric_zero_patches_finite_and_correct_gradients():
+  rng = np.random.default_rng(17)
+  d = 9
+  u = rng.normal(size=(d, 2))
+  x2 = _images(rng, 2, 9, 9, 1)
+  # (a) A rank-2 metric and exactly zero patches (a zero band): the metric gradient matches
+  # central differences in a direction within the metric's range (M +- hE stays PSD; the
+  # kernel is only defined on the PSD cone).
+  x1 = _images(rng, 2, 9, 9, 1).at[:, :5, :, :].set(0.0)
+  metric = jnp.asarray(u @ u.T)
+  f = lambda m: jnp.sum(jconvrfm.conv_ntk(x1, x2, depth=3, patch_size=3, metric=m))
+  g = jax.grad(f)(metric)
+  assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.isfinite(f(metric)))
+  w = rng.normal(size=(2, 2))
+  e = jnp.asarray(u @ (w + w.T) @ u.T)
+  np.testing.assert_allclose(jnp.vdot(g, e), _directional_fd(f, metric, e, 1e-6), rtol=1e-6)
+  # (b) A metric that annihilates constant patches, and a constant band: the transformed
+  # patches vanish up to rounding (p^T M p ~ +-1e-16, either sign), where the kernel is at
+  # its square-root kink; values and gradients must still be finite.
+  u0 = u - u.mean(axis=0)
+  metric0 = jnp.asarray(u0 @ u0.T)
+  x1c = x1.at[:, :5, :, :].set(0.5)
+  for kind in ('nngp', 'ntk'):
+    fc = lambda m, a, kind=kind: jnp.sum(
+        jconvrfm.conv_ntk(a, x2, depth=3, patch_size=3, metric=m, kind=kind))
+    grads = jax.grad(fc, argnums=(0, 1))(metric0, x1c)
+    assert bool(jnp.isfinite(fc(metric0, x1c)))
+    assert all(bool(jnp.all(jnp.isfinite(gr))) for gr in grads)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors.
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = jnp.ones((2, 6, 6, 1))
+  kw = dict(depth=2, patch_size=3)
+  with pytest.raises(ValueError, match='x1.*rank 4'):
+    jconvrfm.conv_ntk(jnp.ones((6, 6, 1)), **kw)
+  with pytest.raises(ValueError, match='x1.*NaN'):
+    jconvrfm.conv_ntk(x.at[0, 0, 0, 0].set(jnp.nan), **kw)
+  with pytest.raises(ValueError, match='x2.*NaN'):
+    jconvrfm.conv_ntk(x, x.at[0, 0, 0, 0].set(jnp.inf), **kw)
+  with pytest.raises(ValueError, match='same height, width and channels'):
+    jconvrfm.conv_ntk(x, jnp.ones((2, 6, 6, 3)), **kw)
+  with pytest.raises(TypeError, match='same dtype'):
+    jconvrfm.conv_ntk(x, x.astype(jnp.float32), **kw)
+  with pytest.raises(ValueError, match='patch_size'):
+    jconvrfm.conv_ntk(x, depth=1, patch_size=7)
+  with pytest.raises(ValueError, match='depth'):
+    jconvrfm.conv_ntk(x, depth=0, patch_size=3)
+  with pytest.raises(ValueError, match='depth.*too large'):
+    jconvrfm.conv_ntk(x, depth=3, patch_size=3)
+  with pytest.raises(ValueError, match="kind.*'ntk', 'nngp'"):
+    jconvrfm.conv_ntk(x, kind='cntk', **kw)
+  with pytest.raises(ValueError, match="impl.*'fused', 'nt'"):
+    jconvrfm.conv_ntk(x, impl='fast', **kw)
+  with pytest.raises(ValueError, match='padding'):
+    jconvrfm.conv_ntk(x, padding='REFLECT', **kw)
+
+
+def test_bad_metric_raises():
+  x = jnp.ones((2, 6, 6, 1))
+  kw = dict(depth=2, patch_size=3)
+  rng = np.random.default_rng(18)
+  with pytest.raises(ValueError, match='metric.*symmetric'):
+    jconvrfm.conv_ntk(x, metric=jnp.asarray(rng.normal(size=(9, 9))), **kw)
+  with pytest.raises(ValueError, match='metric.*positive semi-definite'):
+    jconvrfm.conv_ntk(x, metric=-jnp.eye(9), **kw)
+  with pytest.raises(ValueError, match='metric.*shape \\(9, 9\\)'):
+    jconvrfm.conv_ntk(x, metric=jnp.eye(4), **kw)
+  with pytest.raises(ValueError, match='metric.*NaN'):
+    jconvrfm.conv_ntk(x, metric=jnp.eye(9).at[0, 0].set(jnp.nan), **kw)
+  with pytest.raises(TypeError, match='metric.*dtype'):
+    jconvrfm.conv_ntk(x, metric=jnp.eye(9, dtype=jnp.float32), **kw)
