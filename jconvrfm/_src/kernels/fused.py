@@ -408,6 +408,9 @@ def conv_kernel_from_grams(gram12: jax.Array,
 # float32) near the CPU's caches; measured on a 2-core shared CPU, tiles of 16 x 32 pairs on
 # 40 x 40 maps ran 2-4x faster than whole (H', W', n1, n2) arrays streamed through memory.
 _TILE_ELEMENTS = 1 << 19
+# On accelerators sequential tile loops cost launches; tiles as large as memory comfortably
+# allows (2^26 elements: 256 MiB per float32 intermediate) are used instead.
+_TILE_ELEMENTS_ACCELERATOR = 1 << 26
 
 
 def _balanced(n: int, b: int) -> int:
@@ -451,7 +454,9 @@ def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
   n1, n2 = x1.shape[0], x2.shape[0]
   if tile is None:
     out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
-    tile = tile_shape(n1, n2, out_h * out_w)
+    budget = (_TILE_ELEMENTS if jax.default_backend() == 'cpu' else
+              _TILE_ELEMENTS_ACCELERATOR)
+    tile = tile_shape(n1, n2, out_h * out_w, budget)
   b1, b2 = min(tile[0], n1), min(tile[1], n2)
   if (b1, b2) == (n1, n2):
     return _fused_block(x1, x2, metric, depth, q, padding, kind)
