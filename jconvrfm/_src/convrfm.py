@@ -182,9 +182,10 @@ def _blocks(p, q):
   return p.reshape(n, h, w, q, q, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * q, w * q, c)
 
 
-def _tiled(kernel_fn, x1, x2, block_size, what):
+def _tiled(kernel_fn, x1, x2, block_size, what, progress=None):
   from jconvrfm._src import tiling  # pylint: disable=g-import-not-at-top
-  k = tiling.kernel_matrix(kernel_fn, x1, x2, block_size=block_size)
+  cb = None if progress is None else (lambda done, total: progress(what, done, total))
+  k = tiling.kernel_matrix(kernel_fn, x1, x2, block_size=block_size, progress=cb)
   k = jnp.asarray(k)
   if not bool(jnp.all(jnp.isfinite(k))):
     raise ValueError(f'The {what} kernel matrix has NaN or Inf entries.')
@@ -416,7 +417,9 @@ def convrfm_step(state: ConvRFMState,
     state: from `convrfm_init` or a previous step (`state.done` must be False).
     update_metric: compute the AGOP and `next_metric` (default: unless this is the last
       round of `config.rounds`).
-    progress: optional `progress(phase, done, total)` called while the AGOP runs.
+    progress: optional `progress(phase, done, total)` called as kernel tiles ('training',
+      'evaluation': tiles done of total) and AGOP blocks ('agop': sample images done of s)
+      finish.
 
   Returns:
     The new state (the input state is not modified).
@@ -433,11 +436,11 @@ def convrfm_step(state: ConvRFMState,
   evals = [(name, x, y) for name, x, y in (('val', state.x_val, state.y_val),
                                           ('test', state.x_test, state.y_test)) if x is not None]
   start = time.perf_counter()
-  k_fit = _tiled(kfn, state.x_fit, None, cfg.kernel_block_size, 'training')
+  k_fit = _tiled(kfn, state.x_fit, None, cfg.kernel_block_size, 'training', progress)
   k_eval = None
   if evals:
     x_eval = jnp.concatenate([x for _, x, _ in evals])
-    k_eval = _tiled(kfn, x_eval, state.x_fit, cfg.kernel_block_size, 'evaluation')
+    k_eval = _tiled(kfn, x_eval, state.x_fit, cfg.kernel_block_size, 'evaluation', progress)
   jax.block_until_ready((k_fit, k_eval))
   t_kernel = time.perf_counter() - start
   scale = float(jnp.max(k_fit)) if cfg.normalize == 'max' else 1.0

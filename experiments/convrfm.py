@@ -1,0 +1,419 @@
+r"""ConvRFM on a dataset picked by name: CNTK (round 0) vs learned patch metric, resumable.
+
+Writes to `--workdir`:
+
+* `config.json`: the run's data and ConvRFM settings (a rerun in the same workdir must match,
+  else it refuses);
+* `metrics.jsonl`: one JSON line per round: train/val/test accuracy and MSE of the chosen
+  ridge, the chosen ridge and its Cholesky jitter, every ridge's scores, seconds in kernels,
+  solve and AGOP, and the peak resident memory so far;
+* `round_<t>.npz`: the metric `M_t`, the AGOP, `M_{t+1}`, alpha and the kernel scale of round t
+  (written atomically: temp file + rename; a killed run resumes after its last finished round);
+* `eigenfilters_round<t>.png`: the top-8 eigenvectors of `M_t` as q x q (x c) filters;
+  `filtered_round<t>.png`: a sample image filtered by `M_t` and by its leading eigenvectors;
+* `summary.json`: CNTK (round 0) vs ConvRFM test accuracy, selected round, total seconds.
+
+With no flags it runs the embedded "star" local-signal task (q = 11, one kernel layer, 50
+training images of which 20% are held out for selection) in about a minute on a 2-core CPU:
+
+  python -m experiments.convrfm --workdir=/tmp/convrfm_star
+
+Noisy MNIST (42 x 42, sigma = 1), 1000 training images (20% validation), 1000 test images:
+
+  python -m experiments.convrfm --workdir=/tmp/convrfm_nmnist --dataset=noisy_mnist \
+    --train_split='train[:1000]' --test_split='test[:1000]' --manual_dir=../shared/data/mnist \
+    --tfds_data_dir=/tmp/tfds --q=3 --depth=3 --rounds=4
+
+The reference protocol (ridge and round chosen on the test set) is `--select_on_test`; it is
+logged as a warning and recorded in config.json.
+
+References:
+  D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
+  convolutional neural networks. arXiv:2309.00570, 2023.
+"""
+
+import json
+import os
+import pathlib
+import resource
+import tempfile
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jconvrfm._src import convrfm as crfm
+
+FLAGS = flags.FLAGS
+
+SYNTHETIC = ('star', 'bars', 'toy_1d')
+
+
+def define_flags(flag_values=FLAGS):
+  """Flags shared by `convrfm` and `deep_convrfm`, defined on `flag_values`."""
+  flags.DEFINE_string('workdir', None, 'Output directory (created; resumed if it exists); '
+                      'default: a new temporary directory.', flag_values=flag_values)
+  flags.DEFINE_string('dataset', 'star', 'Dataset spec for jconvrfm.data.load (a name such as '
+                      'star, noisy_mnist, mnist, or folder:<path>, npz:<path>, tfds:<name>).', flag_values=flag_values)
+  flags.DEFINE_string('train_split', 'train', 'Split string of the training data.', flag_values=flag_values)
+  flags.DEFINE_string('test_split', 'test', 'Split string of the test data; if equal to '
+                      '--train_split, one load is split into disjoint train/test parts.', flag_values=flag_values)
+  flags.DEFINE_integer('n_train', 50, 'Training images (validation is carved from them).', flag_values=flag_values)
+  flags.DEFINE_integer('n_test', 1000, 'Test images.', flag_values=flag_values)
+  flags.DEFINE_float('val_fraction', 0.2, 'Fraction of the training images used to select '
+                     'the ridge and the round.', flag_values=flag_values)
+  flags.DEFINE_integer('q', 11, 'Patch size.', flag_values=flag_values)
+  flags.DEFINE_integer('depth', 1, 'CNTK depth.', flag_values=flag_values)
+  flags.DEFINE_enum('padding', 'VALID', ['VALID', 'SAME', 'CIRCULAR'], 'Padding.', flag_values=flag_values)
+  flags.DEFINE_integer('rounds', 2, 'Ridge fits (round 0 = CNTK, then one per metric update).', flag_values=flag_values)
+  flags.DEFINE_list('ridges', ['1e-8', '1e-5', '1e-3'], 'Ridge grid.', flag_values=flag_values)
+  flags.DEFINE_integer('agop_samples', 0, 'Training images in the AGOP (0: all).', flag_values=flag_values)
+  flags.DEFINE_float('power', 0.5, 'S = G^power, M = S^2.', flag_values=flag_values)
+  flags.DEFINE_float('keep_fraction', 1.0, 'Fraction of the spectrum of S kept ("thresh").', flag_values=flag_values)
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'Computation dtype.', flag_values=flag_values)
+  flags.DEFINE_bool('select_on_test', False, 'Reference protocol: select on the TEST set.', flag_values=flag_values)
+  flags.DEFINE_integer('seed', 0, 'Seed of data generation, splits and AGOP samples.', flag_values=flag_values)
+  flags.DEFINE_string('tfds_data_dir', None, 'tfds data_dir (cache of prepared datasets).', flag_values=flag_values)
+  flags.DEFINE_string('manual_dir', None, 'tfds manual_dir (e.g. ../shared/data/mnist).', flag_values=flag_values)
+  flags.DEFINE_integer('kernel_block_size', 0, 'Kernel tile side (0: the tiler decides).', flag_values=flag_values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------------------------
+
+
+def _loader_kwargs(spec: str, n: int, seed: int, data_dir, manual_dir) -> Dict[str, Any]:
+  """Keyword arguments each family of `jconvrfm.data.load` specs accepts."""
+  if spec in SYNTHETIC:
+    return dict(n=n, seed=seed)
+  tfds_kw = {k: v for k, v in (('data_dir', data_dir), ('manual_dir', manual_dir)) if v}
+  if spec == 'noisy_mnist':
+    return dict(seed=seed, **tfds_kw)
+  if spec.partition(':')[0] in ('folder', 'npz'):
+    return {}
+  return tfds_kw
+
+
+def load_data(spec: str, train_split: str, test_split: str, n_train: int, n_test: int,
+              seed: int, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
+  """Returns `(train, test)` `jconvrfm.data.Dataset`s of exactly n_train / n_test images.
+
+  Raises ValueError (unknown dataset, too few images, bad labels or pixels) before anything
+  is written.
+  """
+  from jconvrfm import data  # pylint: disable=g-import-not-at-top
+  if n_train < 1 or n_test < 0:
+    raise ValueError(f'--n_train must be >= 1 and --n_test >= 0, got {n_train}, {n_test}.')
+  if train_split == test_split:
+    full = data.load(spec, train_split,
+                     **_loader_kwargs(spec, n_train + n_test, seed, data_dir, manual_dir))
+    parts = data.split(full, [n_train, n_test] if n_test else [n_train], seed=seed)
+    train, test = parts[0], (parts[1] if n_test else None)
+  else:
+    train = data.load(spec, train_split,
+                      **_loader_kwargs(spec, n_train, seed, data_dir, manual_dir))
+    test = data.load(spec, test_split,
+                     **_loader_kwargs(spec, n_test, seed, data_dir, manual_dir)) if n_test else None
+  out = []
+  for name, ds, n in (('train', train, n_train), ('test', test, n_test)):
+    if ds is None:
+      out.append(None)
+      continue
+    ds = data.check_dataset(ds, name)
+    if ds.labels.shape[0] < n:
+      raise ValueError(f'The {name} split {spec!r} has {ds.labels.shape[0]} images, fewer '
+                       f'than the {n} asked for.')
+    out.append(data.Dataset(ds.images[:n], ds.labels[:n], ds.num_classes))
+  return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdir: config check, atomic writes, resume.
+# ----------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: pathlib.Path, payload: bytes):
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp')
+  with os.fdopen(fd, 'wb') as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def atomic_write_json(path: pathlib.Path, obj):
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
+
+
+def atomic_save_npz(path: pathlib.Path, **arrays):
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp', suffix='.npz')
+  os.close(fd)
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(workdir: str, config: Dict[str, Any]) -> pathlib.Path:
+  """Creates the workdir and writes config.json, or checks that an existing one matches."""
+  path = pathlib.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  cfg_path = path / 'config.json'
+  config = json.loads(json.dumps(config))  # normalise tuples etc.
+  if cfg_path.exists():
+    old = json.loads(cfg_path.read_text())
+    if old != config:
+      diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+      raise ValueError(
+          f'{workdir} holds a run with a different configuration (differs in {diff}); use a '
+          'new --workdir or the same flags to resume.')
+    logging.info('Resuming the run in %s.', workdir)
+  else:
+    atomic_write_json(cfg_path, config)
+  return path
+
+
+def _record_to_arrays(rec: crfm.RoundRecord) -> Dict[str, np.ndarray]:
+  out = dict(metric=np.asarray(rec.metric), alpha=np.asarray(rec.alpha),
+             kernel_scale=np.asarray(rec.kernel_scale), ridge=np.asarray(rec.ridge),
+             jitter=np.asarray(rec.jitter), round=np.asarray(rec.round),
+             extra=np.asarray(json.dumps({'scores': rec.scores,
+                                          'ridge_scores': list(rec.ridge_scores),
+                                          'seconds': rec.seconds})))
+  if rec.next_metric is not None:
+    out['next_metric'] = np.asarray(rec.next_metric)
+    out['agop'] = np.asarray(rec.agop)
+  return out
+
+
+def _record_from_npz(path: pathlib.Path, dtype) -> crfm.RoundRecord:
+  with np.load(path) as z:
+    extra = json.loads(str(z['extra']))
+    has_next = 'next_metric' in z.files
+    return crfm.RoundRecord(
+        round=int(z['round']), metric=jnp.asarray(z['metric'], dtype), ridge=float(z['ridge']),
+        jitter=float(z['jitter']), alpha=jnp.asarray(z['alpha'], dtype),
+        kernel_scale=float(z['kernel_scale']), scores=extra['scores'],
+        ridge_scores=tuple(extra['ridge_scores']), seconds=extra['seconds'],
+        next_metric=jnp.asarray(z['next_metric'], dtype) if has_next else None,
+        agop=jnp.asarray(z['agop'], dtype) if has_next else None)
+
+
+def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
+                   prefix: str = '') -> Tuple[crfm.ConvRFMState, list]:
+  """Loads finished rounds `<prefix>round_<t>.npz` into `state`; returns (state, metric lines)."""
+  history, lines = [], []
+  lines_path = path / f'{prefix}metrics.jsonl'
+  saved = lines_path.read_text().splitlines() if lines_path.exists() else []
+  while (path / f'{prefix}round_{len(history)}.npz').exists():
+    t = len(history)
+    rec = _record_from_npz(path / f'{prefix}round_{t}.npz', state.config.dtype)
+    if rec.next_metric is None and t + 1 < state.config.rounds:
+      break  # a last round written without its update cannot be continued
+    history.append(rec)
+    if t < len(saved):
+      lines.append(saved[t])
+  if not history:
+    return state, []
+  last = history[-1]
+  logging.info('Restored %d finished round(s) from %s.', len(history), path)
+  return state._replace(history=tuple(history),
+                        next_metric=last.next_metric if last.next_metric is not None
+                        else last.metric), lines
+
+
+def metrics_line(rec: crfm.RoundRecord, **extra) -> Dict[str, Any]:
+  line = dict(extra, round=rec.round, ridge=rec.ridge, jitter=rec.jitter,
+              seconds=rec.seconds, ridge_scores=list(rec.ridge_scores),
+              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  for split, sc in rec.scores.items():
+    line[f'{split}_acc'] = sc['acc']
+    line[f'{split}_mse'] = sc['mse']
+  return line
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------------------------
+
+
+def _minmax(a):
+  a = np.asarray(a, np.float64)
+  lo, hi = a.min(), a.max()
+  return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _as_image(a):
+  """(h, w, c) -> something imshow shows: grey for c != 3 (norm over channels), RGB for 3."""
+  if a.shape[-1] == 3:
+    return _minmax(a), None
+  if a.shape[-1] == 1:
+    return _minmax(a[..., 0]), 'gray'
+  return _minmax(np.linalg.norm(a, axis=-1)), 'gray'
+
+
+def plot_eigenfilters(metric, q: int, channels: int, path: pathlib.Path, title: str = ''):
+  """Top-8 eigenvectors of `metric` as q x q (x c) filters, min-max scaled, to `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  e, u = np.linalg.eigh(np.asarray(metric, np.float64))
+  k = min(8, len(e))
+  fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 1.9))
+  for j, ax in enumerate(np.atleast_1d(axes)):
+    img, cmap = _as_image(u[:, -1 - j].reshape(q, q, channels))
+    ax.imshow(img, cmap=cmap, interpolation='nearest')
+    ax.set_title(f'{e[-1 - j] / max(e[-1], 1e-30):.2f}', fontsize=8)
+    ax.axis('off')
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_filtered(image, metric, q: int, padding: str, path: pathlib.Path, title: str = ''):
+  """A sample image filtered by `metric` (per patch `S p`, norm over each channel's q x q
+  block) and by its three leading eigenvectors (`(u^T p) u`, same norm), to `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src import cnfa  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src import patches as patches_lib  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image, np.float64)
+  c = image.shape[-1]
+  metric = np.asarray(metric, np.float64)
+  p = np.asarray(patches_lib.patches(jnp.asarray(image[None]), q, padding=padding))[0]
+  s = np.asarray(cnfa.sqrt_psd(jnp.asarray(metric)))
+  h, w, d = p.shape
+
+  def block_norm(v):  # (h, w, d) -> (h, w, c): norm over each channel's q x q block
+    return np.linalg.norm(v.reshape(h, w, q * q, c), axis=2)
+
+  panels = [('image', image), ('S p', block_norm(p @ s))]
+  e, u = np.linalg.eigh(metric)
+  for j in range(min(3, d)):
+    vec = u[:, -1 - j]
+    panels.append((f'eigvec {j + 1}', block_norm((p @ vec)[..., None] * vec)))
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.3))
+  for ax, (name, a) in zip(axes, panels):
+    img, cmap = _as_image(a)
+    ax.imshow(img, cmap=cmap, interpolation='nearest')
+    ax.set_title(name, fontsize=8)
+    ax.axis('off')
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+
+
+def config_from_flags(values) -> crfm.ConvRFMConfig:
+  return crfm.ConvRFMConfig(
+      patch_size=values.q, depth=values.depth, padding=values.padding,
+      rounds=values.rounds, ridges=tuple(float(r) for r in values.ridges),
+      agop_samples=values.agop_samples or None, power=values.power,
+      keep_fraction=values.keep_fraction, dtype=values.dtype, val_fraction=values.val_fraction,
+      select_on_test=values.select_on_test, seed=values.seed,
+      kernel_block_size=values.kernel_block_size or None)
+
+
+def data_config(values) -> Dict[str, Any]:
+  return dict(dataset=values.dataset, train_split=values.train_split,
+              test_split=values.test_split, n_train=values.n_train, n_test=values.n_test,
+              seed=values.seed)
+
+
+class _Progress:
+  """tqdm bars for kernel tiles and AGOP samples, one per phase and round."""
+
+  def __init__(self, label):
+    self.label, self.bars = label, {}
+
+  def __call__(self, phase, done, total):
+    bar = self.bars.get(phase)
+    if bar is None:
+      bar = self.bars[phase] = tqdm.tqdm(total=total, desc=f'{self.label} {phase}',
+                                         leave=False)
+    bar.update(done - bar.n)
+    if done >= total:
+      bar.close()
+      del self.bars[phase]
+
+
+def run_rounds(state: crfm.ConvRFMState, path: pathlib.Path, *, prefix: str = '',
+               sample_image=None, line_extra: Optional[Dict[str, Any]] = None,
+               figures: bool = True) -> crfm.ConvRFMState:
+  """Runs the remaining rounds of `state`, writing `<prefix>round_<t>.npz`, the metrics lines
+  and figures after each round; finished rounds found in `path` are restored first."""
+  state, lines = restore_rounds(state, path, prefix)
+  cfg = state.config
+  c = state.x_fit.shape[-1]
+  while not state.done:
+    t = len(state.history)
+    state = crfm.convrfm_step(state, progress=_Progress(f'{prefix}round {t}'))
+    rec = state.history[-1]
+    lines.append(json.dumps(metrics_line(rec, **(line_extra or {})), sort_keys=True))
+    if figures:
+      plot_eigenfilters(rec.metric, cfg.patch_size, c, path / f'{prefix}eigenfilters_round{t}.png',
+                        f'{prefix}round {t}: top eigenvectors of M')
+      if sample_image is not None:
+        plot_filtered(sample_image, rec.metric, cfg.patch_size, cfg.padding,
+                      path / f'{prefix}filtered_round{t}.png', f'{prefix}round {t}')
+    # The npz is the commit point of the round: metrics first, then the round file.
+    atomic_write_bytes(path / f'{prefix}metrics.jsonl', ('\n'.join(lines) + '\n').encode())
+    atomic_save_npz(path / f'{prefix}round_{t}.npz', **_record_to_arrays(rec))
+  return state
+
+
+def run(values) -> Dict[str, Any]:
+  """The whole experiment for parsed flag `values`; returns the summary dict."""
+  workdir = values.workdir or tempfile.mkdtemp(prefix='convrfm_')
+  start = time.perf_counter()
+  config = crfm.check_config(config_from_flags(values))
+  train, test = load_data(values.dataset, values.train_split, values.test_split,
+                          values.n_train, values.n_test, values.seed, values.tfds_data_dir,
+                          values.manual_dir)
+  kw = dict(x_test=test.images, y_test=test.labels) if test is not None else {}
+  # Validates everything (labels, shapes, NaNs, splits) before the workdir is touched.
+  state = crfm.convrfm_init(train.images, train.labels, config=config,
+                            num_classes=train.num_classes, **kw)
+  logging.info('Writing to %s.', workdir)
+  path = prepare_workdir(workdir, dict(data_config(values),
+                                              convrfm=config._asdict()))
+  load_seconds = time.perf_counter() - start
+  state = run_rounds(state, path, sample_image=np.asarray(state.x_fit[0]))
+  best = crfm.best_round(state)
+  first = state.history[0]
+  summary = dict(
+      selection_split=state.selection_split, best_round=best.round,
+      cntk_test_acc=first.scores.get('test', {}).get('acc'),
+      convrfm_test_acc=best.scores.get('test', {}).get('acc'),
+      test_acc_per_round=[r.scores.get('test', {}).get('acc') for r in state.history],
+      val_acc_per_round=[r.scores.get(state.selection_split, {}).get('acc')
+                         for r in state.history],
+      seconds_total_this_process=time.perf_counter() - start,
+      seconds_loading=load_seconds,
+      seconds_per_round=[r.seconds for r in state.history],
+      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  atomic_write_json(path / 'summary.json', summary)
+  msg = (f'CNTK (round 0) test accuracy {summary["cntk_test_acc"]}, ConvRFM (round '
+         f'{best.round}, selected on {state.selection_split}) {summary["convrfm_test_acc"]}')
+  logging.info(msg)
+  print(msg)
+  return summary
+
+
+def main(argv):
+  del argv
+  run(FLAGS)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
