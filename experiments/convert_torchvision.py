@@ -42,6 +42,8 @@ flags.DEFINE_string('images', None, 'folder of JPEG/PNG images for the CNFA repo
 flags.DEFINE_integer('max_images', 64, 'images used for the AGOP')
 flags.DEFINE_integer('num_outputs', 1000, 'logits summed in the AGOP (the first ones)')
 flags.DEFINE_integer('chunk_size', 4, 'images per AGOP chunk')
+flags.DEFINE_list('layers', None, 'analysed layers to report (default: all); the deep layers '
+                  'of VGG/ResNet have d = 4608, where G^(1/2) takes an eigendecomposition')
 flags.DEFINE_integer('crop', 224, 'center-crop size (images are resized to 256/224 * crop)')
 flags.DEFINE_string('workdir', None, 'output folder for the report')
 FLAGS = flags.FLAGS
@@ -57,14 +59,14 @@ def convert(arch: str, path: str) -> None:
 
 
 def report(arch: str, npz: str, images: str, workdir: str, *, max_images: int,
-           num_outputs: int, chunk_size: int, crop: int = 224):
+           num_outputs: int, chunk_size: int, crop: int = 224, layers=None):
   """Per-layer CNFA report of a pretrained network on a folder of images."""
   model, variables = pretrained.load_pretrained(arch, npz)
   x = pretrained.load_jpeg_folder(images, max_images=max_images, crop=crop)
   logging.info('%d images %s', x.shape[0], x.shape)
   t = time.time()
   records = report_lib.cnfa_report(model, variables, x, chunk_size=chunk_size,
-                                   outputs=list(range(num_outputs)))
+                                   outputs=list(range(num_outputs)), layer_names=layers)
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'cnfa.json').write_text(report_lib.to_json(records))
@@ -84,7 +86,8 @@ def main(argv) -> None:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required with --images.')
     report(FLAGS.arch, FLAGS.npz, FLAGS.images, FLAGS.workdir, max_images=FLAGS.max_images,
-           num_outputs=FLAGS.num_outputs, chunk_size=FLAGS.chunk_size, crop=FLAGS.crop)
+           num_outputs=FLAGS.num_outputs, chunk_size=FLAGS.chunk_size, crop=FLAGS.crop,
+           layers=FLAGS.layers)
 
 
 if __name__ == '__main__':
