@@ -120,3 +120,14 @@ def test_bad_layer_name():
   v = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='layer_names'):
     report_lib.layer_agops(model, v, x, layer_names=['conv_9'])
+
+
+def test_second_call_does_not_recompile():
+  model = models.VanillaCNN(3, width=4, depth=1)
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 1), jnp.float64)
+  v0, v1 = _f64_variables(model, x, seed=1), _f64_variables(model, x, seed=2)
+  report_lib.layer_agops(model, v0, x, chunk_size=4)
+  fn = report_lib._chunk_agops_fn(model.clone(generic=False), False, ('conv_0',), None)
+  assert fn._cache_size() == 1
+  report_lib.layer_agops(models.VanillaCNN(3, width=4, depth=1), v1, x, chunk_size=4)
+  assert fn._cache_size() == 1

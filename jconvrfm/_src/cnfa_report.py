@@ -19,6 +19,7 @@ References:
   convolutional neural networks. arXiv:2309.00570, 2023.
 """
 
+import functools
 import json
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -119,7 +120,23 @@ def layer_agops(model: nn.Module,
       raise ValueError(f'`layer_names` {sorted(unknown)} are not analysed layers of the model; '
                        f'available: {list(names)}.')
     names = tuple(n for n in names if n in layer_names)
-  model = model.clone(generic=generic)
+  chunk_agops = _chunk_agops_fn(model.clone(generic=generic), generic, tuple(names),
+                                None if outputs is None else tuple(int(o) for o in outputs))
+
+  n = images.shape[0]
+  total = None
+  for lo, hi in _chunks(n, chunk_size):
+    part = chunk_agops(variables, images[lo:hi])
+    part = {k: v * ((hi - lo) / n) for k, v in part.items()}
+    total = part if total is None else {k: total[k] + part[k] for k in total}
+  return total
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_agops_fn(model: nn.Module, generic: bool, names: Tuple[str, ...],
+                    outputs: Optional[Tuple[int, ...]]):
+  """Jitted `(variables, images_chunk) -> {name: AGOP of the chunk}`, one per configuration
+  (Flax modules hash by their fields), so repeated reports do not recompile."""
   kind = layers.PATCHES if generic else layers.PREACT
 
   @jax.jit
@@ -137,13 +154,7 @@ def layer_agops(model: nn.Module,
         out[name] = agop_lib.conv_agop(analysis.layer_kernel(variables['params'], name), g)
     return out
 
-  n = images.shape[0]
-  total = None
-  for lo, hi in _chunks(n, chunk_size):
-    part = chunk_agops(variables, images[lo:hi])
-    part = {k: v * ((hi - lo) / n) for k, v in part.items()}
-    total = part if total is None else {k: total[k] + part[k] for k in total}
-  return total
+  return chunk_agops
 
 
 def _measures(kernel, g) -> Tuple[float, float, float, float]:

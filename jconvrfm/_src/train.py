@@ -7,6 +7,7 @@ JSON-lines metrics, and msgpack checkpoints (params, batch stats, optimizer stat
 explicit `workdir`. A non-finite training loss stops the run with `FloatingPointError`.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -125,13 +126,19 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
   return step
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(model: nn.Module):
+  """One compiled inference function per model (Flax modules hash by their fields)."""
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
 def evaluate(model: nn.Module, variables: Dict[str, Any], images: jax.Array,
              labels: jax.Array, *, num_classes: int, loss: str = 'cross_entropy',
              batch_size: int = 500) -> Dict[str, float]:
   """Accuracy and mean loss of `model` (inference mode) on `images (n, H, W, c)`, `labels (n,)`."""
   images = checks.check_nhwc(images, 'images')
   labels = np.asarray(labels)
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  apply = _jitted_apply(model)
   correct, total_loss = 0, 0.0
   for i in range(0, images.shape[0], batch_size):
     logits = apply(variables, images[i:i + batch_size])
