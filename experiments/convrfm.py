@@ -32,6 +32,7 @@ References:
   convolutional neural networks. arXiv:2309.00570, 2023.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -54,33 +55,44 @@ FLAGS = flags.FLAGS
 SYNTHETIC = ('star', 'bars', 'toy_1d')
 
 
+class _Definer:
+  """`define.string(...)` = `flags.DEFINE_string(..., flag_values=flag_values)`."""
+
+  def __init__(self, flag_values):
+    self.flag_values = flag_values
+
+  def __getattr__(self, kind):
+    return functools.partial(getattr(flags, 'DEFINE_' + kind), flag_values=self.flag_values)
+
+
 def define_flags(flag_values=FLAGS):
   """Flags shared by `convrfm` and `deep_convrfm`, defined on `flag_values`."""
-  flags.DEFINE_string('workdir', None, 'Output directory (created; resumed if it exists); '
-                      'default: a new temporary directory.', flag_values=flag_values)
-  flags.DEFINE_string('dataset', 'star', 'Dataset spec for jconvrfm.data.load (a name such as '
-                      'star, noisy_mnist, mnist, or folder:<path>, npz:<path>, tfds:<name>).', flag_values=flag_values)
-  flags.DEFINE_string('train_split', 'train', 'Split string of the training data.', flag_values=flag_values)
-  flags.DEFINE_string('test_split', 'test', 'Split string of the test data; if equal to '
-                      '--train_split, one load is split into disjoint train/test parts.', flag_values=flag_values)
-  flags.DEFINE_integer('n_train', 50, 'Training images (validation is carved from them).', flag_values=flag_values)
-  flags.DEFINE_integer('n_test', 1000, 'Test images.', flag_values=flag_values)
-  flags.DEFINE_float('val_fraction', 0.2, 'Fraction of the training images used to select '
-                     'the ridge and the round.', flag_values=flag_values)
-  flags.DEFINE_integer('q', 11, 'Patch size.', flag_values=flag_values)
-  flags.DEFINE_integer('depth', 1, 'CNTK depth.', flag_values=flag_values)
-  flags.DEFINE_enum('padding', 'VALID', ['VALID', 'SAME', 'CIRCULAR'], 'Padding.', flag_values=flag_values)
-  flags.DEFINE_integer('rounds', 2, 'Ridge fits (round 0 = CNTK, then one per metric update).', flag_values=flag_values)
-  flags.DEFINE_list('ridges', ['1e-8', '1e-5', '1e-3'], 'Ridge grid.', flag_values=flag_values)
-  flags.DEFINE_integer('agop_samples', 0, 'Training images in the AGOP (0: all).', flag_values=flag_values)
-  flags.DEFINE_float('power', 0.5, 'S = G^power, M = S^2.', flag_values=flag_values)
-  flags.DEFINE_float('keep_fraction', 1.0, 'Fraction of the spectrum of S kept ("thresh").', flag_values=flag_values)
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'Computation dtype.', flag_values=flag_values)
-  flags.DEFINE_bool('select_on_test', False, 'Reference protocol: select on the TEST set.', flag_values=flag_values)
-  flags.DEFINE_integer('seed', 0, 'Seed of data generation, splits and AGOP samples.', flag_values=flag_values)
-  flags.DEFINE_string('tfds_data_dir', None, 'tfds data_dir (cache of prepared datasets).', flag_values=flag_values)
-  flags.DEFINE_string('manual_dir', None, 'tfds manual_dir (e.g. ../shared/data/mnist).', flag_values=flag_values)
-  flags.DEFINE_integer('kernel_block_size', 0, 'Kernel tile side (0: the tiler decides).', flag_values=flag_values)
+  define = _Definer(flag_values)
+  define.string('workdir', None, 'Output directory (created; resumed if it exists); '
+                'default: a new temporary directory.')
+  define.string('dataset', 'star', 'Dataset spec for jconvrfm.data.load (a name such as '
+                'star, noisy_mnist, mnist, or folder:<path>, npz:<path>, tfds:<name>).')
+  define.string('train_split', 'train', 'Split string of the training data.')
+  define.string('test_split', 'test', 'Split string of the test data; if equal to '
+                '--train_split, one load is split into disjoint train/test parts.')
+  define.integer('n_train', 50, 'Training images (validation is carved from them).')
+  define.integer('n_test', 1000, 'Test images.')
+  define.float('val_fraction', 0.2, 'Fraction of the training images used to select '
+               'the ridge and the round.')
+  define.integer('q', 11, 'Patch size.')
+  define.integer('depth', 1, 'CNTK depth.')
+  define.enum('padding', 'VALID', ['VALID', 'SAME', 'CIRCULAR'], 'Padding.')
+  define.integer('rounds', 2, 'Ridge fits (round 0 = CNTK, then one per metric update).')
+  define.list('ridges', ['1e-8', '1e-5', '1e-3'], 'Ridge grid.')
+  define.integer('agop_samples', 0, 'Training images in the AGOP (0: all).')
+  define.float('power', 0.5, 'S = G^power, M = S^2.')
+  define.float('keep_fraction', 1.0, 'Fraction of the spectrum of S kept ("thresh").')
+  define.enum('dtype', 'float32', ['float32', 'float64'], 'Computation dtype.')
+  define.bool('select_on_test', False, 'Reference protocol: select on the TEST set.')
+  define.integer('seed', 0, 'Seed of data generation, splits and AGOP samples.')
+  define.string('tfds_data_dir', None, 'tfds data_dir (cache of prepared datasets).')
+  define.string('manual_dir', None, 'tfds manual_dir (e.g. ../shared/data/mnist).')
+  define.integer('kernel_block_size', 0, 'Kernel tile side (0: the tiler decides).')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,11 +46,12 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values=FLAGS):
   exp.define_flags(flag_values)
-  flags.DEFINE_integer('layers', -1, 'Learned layers (-1: depth - 1).', flag_values=flag_values)
-  flags.DEFINE_integer('width', 64, 'Random filters per learned layer.', flag_values=flag_values)
-  flags.DEFINE_enum('sampler', 'sqrt', list(deep.SAMPLERS), 'Filter sampler.', flag_values=flag_values)
-  flags.DEFINE_enum('nonlinearity', 'none', sorted(deep.NONLINEARITIES),
-                    'Nonlinearity after each featurisation.', flag_values=flag_values)
+  define = exp._Definer(flag_values)  # pylint: disable=protected-access
+  define.integer('layers', -1, 'Learned layers (-1: depth - 1).')
+  define.integer('width', 64, 'Random filters per learned layer.')
+  define.enum('sampler', 'sqrt', list(deep.SAMPLERS), 'Filter sampler.')
+  define.enum('nonlinearity', 'none', sorted(deep.NONLINEARITIES),
+              'Nonlinearity after each featurisation.')
 
 
 def config_from_flags(values) -> deep.DeepConvRFMConfig:
@@ -64,7 +65,8 @@ def run(values) -> Dict[str, Any]:
   """The whole experiment for parsed flag `values`; returns the summary dict."""
   workdir = values.workdir or tempfile.mkdtemp(prefix='deep_convrfm_')
   start = time.perf_counter()
-  config, n_layers = deep._check_deep_config(config_from_flags(values))  # pylint: disable=protected-access
+  config, n_layers = deep._check_deep_config(  # pylint: disable=protected-access
+      config_from_flags(values))
   base = config.convrfm
   train, test = exp.load_data(values.dataset, values.train_split, values.test_split,
                               values.n_train, values.n_test, values.seed,

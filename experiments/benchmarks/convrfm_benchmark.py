@@ -76,8 +76,8 @@ def _median_time(fn, repeats):
 def main(argv):
   del argv
   q = 3
-  gram_fn = crfm._gram_kernel(FLAGS.depth, q, checks.Padding.VALID, 1,  # pylint: disable=protected-access
-                              fused.Kind.NTK)
+  gram_fn = crfm._gram_kernel(  # pylint: disable=protected-access
+      FLAGS.depth, q, checks.Padding.VALID, 1, fused.Kind.NTK)
   rng = np.random.default_rng(0)
   print(f'devices: {jax.devices()}; images {FLAGS.image_size}x{FLAGS.image_size}x1, q={q}, '
         f'depth={FLAGS.depth}, {FLAGS.classes} classes, float32, median of {FLAGS.repeats}')

@@ -293,7 +293,8 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
   """Patch AGOP of `f_c(z) = sum_i alpha_ic K(S P(x_i), S P(z))` for any patch kernel.
 
   The kernel sees transformed patches `S p` (`S = M^(1/2)`, symmetric); gradients are w.r.t. the
-  untransformed patches, `grad_p = S grad_{Sp}` (by differentiating through the transform). All classes are differentiated together with
+  untransformed patches, `grad_p = S grad_{Sp}` (by differentiating through the transform).
+  All classes are differentiated together with
   `jax.jacrev`.
 
   Args:
