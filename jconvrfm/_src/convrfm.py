@@ -437,6 +437,13 @@ def convrfm_step(state: ConvRFMState,
                                           ('test', state.x_test, state.y_test)) if x is not None]
   start = time.perf_counter()
   k_fit = _tiled(kfn, state.x_fit, None, cfg.kernel_block_size, 'training', progress)
+  if state.stax_kernel_fn is None:
+    # Exact diagonal K(x, x) (angle exactly 0 at every layer), as `conv_ntk(x)` gives it; the
+    # tiles compute it through the arccos kink at cos t = 1 (~1e-4 relative in float32).
+    diag = fused.fused_self_kernel(state.x_fit, None if identity else metric, cfg.depth,
+                                   cfg.patch_size, checks.canonical_padding(cfg.padding),
+                                   fused.canonical_kind(cfg.kind))
+    k_fit = k_fit.at[jnp.arange(k_fit.shape[0]), jnp.arange(k_fit.shape[0])].set(diag)
   k_eval = None
   if evals:
     x_eval = jnp.concatenate([x for _, x, _ in evals])
