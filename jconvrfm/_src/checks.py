@@ -61,9 +61,13 @@ def check_finite(x, name: str) -> None:
   """Raises if a concrete array holds NaN or Inf (no-op on tracers)."""
   if not is_concrete(x):
     return
-  x = np.asarray(x) if not isinstance(x, jax.Array) else x
-  if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x))):
-    n_bad = int(jnp.sum(~jnp.isfinite(x)))
+  # On the host with numpy: a concrete array closed over by a function being traced by `jit`
+  # is still concrete, but jnp operations on it would return tracers.
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  x = np.asarray(x)
+  if not np.all(np.isfinite(x)):
+    n_bad = int(np.sum(~np.isfinite(x)))
     raise ValueError(f'`{name}` contains {n_bad} NaN or Inf value(s); inputs must be finite.')
 
 
@@ -144,12 +148,13 @@ def check_symmetric_psd(m,
         f'got {tuple(m.shape)}.')
   if not is_concrete(m):
     return m
-  scale = float(jnp.max(jnp.abs(m)))
-  asym = float(jnp.max(jnp.abs(m - m.T)))
+  m_host = np.asarray(m, dtype=np.float64)  # host-side, also when closed over inside jit
+  scale = float(np.max(np.abs(m_host)))
+  asym = float(np.max(np.abs(m_host - m_host.T)))
   if asym > rtol * max(scale, 1e-30):
     raise ValueError(
         f'`{name}` must be symmetric; max |M - M^T| = {asym:.3g} (max |M| = {scale:.3g}).')
-  eig_min = float(jnp.linalg.eigvalsh((m + m.T) / 2)[0])
+  eig_min = float(np.linalg.eigvalsh((m_host + m_host.T) / 2)[0])
   if eig_min < -rtol * max(scale, 1e-30) * m.shape[0]:
     raise ValueError(
         f'`{name}` must be positive semi-definite; its smallest eigenvalue is {eig_min:.3g}.')
