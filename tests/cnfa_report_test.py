@@ -131,3 +131,17 @@ def test_second_call_does_not_recompile():
   assert fn._cache_size() == 1
   report_lib.layer_agops(models.VanillaCNN(3, width=4, depth=1), v1, x, chunk_size=4)
   assert fn._cache_size() == 1
+
+
+def test_dead_network_gives_none_not_error():
+  """A zero readout makes every AGOP zero: correlations are undefined and reported as None."""
+  model = models.VanillaCNN(3, width=4, depth=2)
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 1), jnp.float64)
+  v = _f64_variables(model, x)
+  v['params']['readout']['kernel'] = jnp.zeros_like(v['params']['readout']['kernel'])
+  recs = report_lib.cnfa_report(model, v, x, initial_variables=_f64_variables(model, x, 2))
+  for r in recs:
+    assert r.corr_agop is None and r.cos_agop is None and r.corr_sqrt_agop is None
+    assert r.baseline_corr is not None  # the CNFMs themselves are fine
+  assert '| - (-) |' in report_lib.markdown_table(recs)
+  assert report_lib.from_json(report_lib.to_json(recs)) == recs

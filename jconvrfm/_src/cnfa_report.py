@@ -23,6 +23,7 @@ import functools
 import json
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ Variables = Mapping[str, Any]
 
 
 class LayerRecord(NamedTuple):
-  """CNFA measures of one conv layer (all correlations are Python floats in [-1, 1]).
+  """CNFA measures of one conv layer (correlations are Python floats in [-1, 1], or None where
+  undefined: a constant matrix, e.g. the zero AGOP of a layer the logits do not depend on).
 
   Attributes:
     name: layer name (module path, e.g. `'conv_0'`, `'layer1_0/conv1'`).
@@ -55,10 +57,10 @@ class LayerRecord(NamedTuple):
   """
   name: str
   kernel_shape: Tuple[int, ...]
-  corr_agop: float
-  cos_agop: float
-  corr_sqrt_agop: float
-  cos_sqrt_agop: float
+  corr_agop: Optional[float]
+  cos_agop: Optional[float]
+  corr_sqrt_agop: Optional[float]
+  cos_sqrt_agop: Optional[float]
   init_corr_agop: Optional[float] = None
   init_cos_agop: Optional[float] = None
   init_corr_sqrt_agop: Optional[float] = None
@@ -157,12 +159,21 @@ def _chunk_agops_fn(model: nn.Module, generic: bool, names: Tuple[str, ...],
   return chunk_agops
 
 
-def _measures(kernel, g) -> Tuple[float, float, float, float]:
+def _corr(a, b, centered: bool) -> Optional[float]:
+  """`jconvrfm.correlation`, or None where it is undefined (a constant or all-zero matrix,
+  e.g. the AGOP of a layer the logits do not depend on because every ReLU after it is dead)."""
+  for m in (a, b):
+    m = np.asarray(m)
+    if (np.ptp(m) == 0) if centered else not np.any(m):
+      return None
+  return float(cnfa.correlation(a, b, centered))
+
+
+def _measures(kernel, g) -> Tuple[Optional[float], ...]:
   m = cnfa.cnfm(kernel)
   g = g.astype(m.dtype)
   s = cnfa.sqrt_psd(g)
-  return (float(cnfa.correlation(m, g, True)), float(cnfa.correlation(m, g, False)),
-          float(cnfa.correlation(m, s, True)), float(cnfa.correlation(m, s, False)))
+  return (_corr(m, g, True), _corr(m, g, False), _corr(m, s, True), _corr(m, s, False))
 
 
 def cnfa_report(model: nn.Module,
@@ -212,12 +223,16 @@ def cnfa_report(model: nn.Module,
       fields.update(zip(('init_corr_agop', 'init_cos_agop', 'init_corr_sqrt_agop',
                          'init_cos_sqrt_agop'), _measures(k0, g_init[name])))
       m, m0 = cnfa.cnfm(kernel), cnfa.cnfm(k0).astype(kernel.dtype)
-      fields['baseline_corr'] = float(cnfa.correlation(m0, m, True))
-      fields['baseline_cos'] = float(cnfa.correlation(m0, m, False))
+      fields['baseline_corr'] = _corr(m0, m, True)
+      fields['baseline_cos'] = _corr(m0, m, False)
     if g_generic is not None:
       a = np.asarray(g, np.float64)
       b = np.asarray(g_generic[name], np.float64)
-      fields['generic_rel_error'] = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+      fields['generic_rel_error'] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-300))
+    if fields['corr_agop'] is None:
+      logging.warning('Layer %s: the patch AGOP is constant (the logits do not depend on this '
+                      'layer, e.g. all ReLUs after it are dead); its correlations are None.',
+                      name)
     records.append(LayerRecord(name=name, kernel_shape=tuple(int(s) for s in kernel.shape),
                                **fields))
   return records
