@@ -36,17 +36,22 @@ import numpy as np
 from jconvrfm._src import cnfa_report as report_lib
 from jconvrfm._src import pretrained
 
-flags.DEFINE_enum('arch', 'vgg11', sorted(pretrained.ARCHITECTURES), 'torchvision model')
-flags.DEFINE_string('npz', None, 'converted state dict (written if absent)', required=True)
-flags.DEFINE_string('images', None, 'folder of JPEG/PNG images for the CNFA report')
-flags.DEFINE_integer('max_images', 64, 'images used for the AGOP')
-flags.DEFINE_integer('num_outputs', 1000, 'logits summed in the AGOP (the first ones)')
-flags.DEFINE_integer('chunk_size', 4, 'images per AGOP chunk')
-flags.DEFINE_list('layers', None, 'analysed layers to report (default: all); the deep layers '
-                  'of VGG/ResNet have d = 4608, where G^(1/2) takes an eigendecomposition')
-flags.DEFINE_integer('crop', 224, 'center-crop size (images are resized to 256/224 * crop)')
-flags.DEFINE_string('workdir', None, 'output folder for the report')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as a program, so that importing the module
+  beside other binaries, as the tests do, defines no clashing flags)."""
+  flags.DEFINE_enum('arch', 'vgg11', sorted(pretrained.ARCHITECTURES), 'torchvision model')
+  flags.DEFINE_string('npz', None, 'converted state dict (written if absent)', required=True)
+  flags.DEFINE_string('images', None, 'folder of JPEG/PNG images for the CNFA report')
+  flags.DEFINE_integer('max_images', 64, 'images used for the AGOP')
+  flags.DEFINE_integer('num_outputs', 1000, 'logits summed in the AGOP (the first ones)')
+  flags.DEFINE_integer('chunk_size', 4, 'images per AGOP chunk')
+  flags.DEFINE_list('layers', None, 'analysed layers to report (default: all); the deep layers '
+                    'of VGG/ResNet have d = 4608, where G^(1/2) takes an eigendecomposition')
+  flags.DEFINE_integer('crop', 224, 'center-crop size (images are resized to 256/224 * crop)')
+  flags.DEFINE_string('workdir', None, 'output folder for the report')
 
 
 def convert(arch: str, path: str) -> None:
@@ -91,4 +96,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
