@@ -9,11 +9,13 @@ transformed function should run them on the concrete inputs before transforming.
 """
 
 import enum
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Type, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+EnumT = TypeVar('EnumT', bound=enum.Enum)
 
 
 class Padding(enum.Enum):
@@ -29,18 +31,24 @@ class Padding(enum.Enum):
   CIRCULAR = 'CIRCULAR'
 
 
+def canonical_enum(value, enum_cls: Type[EnumT], name: str) -> EnumT:
+  """Normalises a string (any case) or a member of `enum_cls` to that member.
+
+  Raises a `ValueError` naming `name` and listing the allowed values otherwise.
+  """
+  if isinstance(value, enum_cls):
+    return value
+  if isinstance(value, str):
+    for member in enum_cls:
+      if member.value.lower() == value.lower():
+        return member
+  raise ValueError(f'`{name}` must be one of {[m.value for m in enum_cls]} '
+                   f'(or a `{enum_cls.__name__}`), got {value!r}.')
+
+
 def canonical_padding(padding: Union[str, Padding], name: str = 'padding') -> Padding:
   """Normalises a padding given as a string (any case) or `Padding` to `Padding`."""
-  if isinstance(padding, Padding):
-    return padding
-  if isinstance(padding, str):
-    try:
-      return Padding(padding.upper())
-    except ValueError:
-      pass
-  raise ValueError(
-      f'`{name}` must be one of {[p.value for p in Padding]} (or a `Padding`), '
-      f'got {padding!r}.')
+  return canonical_enum(padding, Padding, name)
 
 
 def is_concrete(x) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 from jconvrfm._src import checks
 from jconvrfm._src import cnfa
 from jconvrfm._src import convrfm as convrfm_lib
+from jconvrfm._src import patches as patches_lib
 
 SAMPLERS = ('sqrt', 'normal')
 NONLINEARITIES = {'none': lambda x: x, 'relu': jax.nn.relu, 'tanh': jnp.tanh}
@@ -146,8 +147,10 @@ def featurize_layer(x: jax.Array, filters: jax.Array, *, padding='VALID',
   pad = checks.canonical_padding(padding)
   q = filters.shape[0]
   if pad == checks.Padding.CIRCULAR:
-    lo, hi = (q - 1) // 2, q // 2
-    x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode='wrap')
+    # The same split as `patches(..., padding='CIRCULAR')`, so features and patches agree.
+    (h_lo, h_hi, _), (w_lo, w_hi, _) = (
+        patches_lib.padding_amounts(size, q, 1, pad) for size in x.shape[1:3])
+    x = jnp.pad(x, ((0, 0), (h_lo, h_hi), (w_lo, w_hi), (0, 0)), mode='wrap')
     pad = checks.Padding.VALID
   out = jax.lax.conv_general_dilated(
       x, filters.astype(x.dtype), (1, 1), pad.value,

@@ -26,15 +26,8 @@ class Impl(enum.Enum):
 
 
 def canonical_impl(impl: Union[str, Impl], name: str = 'impl') -> Impl:
-  if isinstance(impl, Impl):
-    return impl
-  if isinstance(impl, str):
-    try:
-      return Impl(impl.lower())
-    except ValueError:
-      pass
-  raise ValueError(f'`{name}` must be one of {[i.value for i in Impl]} (or an `Impl`), '
-                   f'got {impl!r}.')
+  """Normalises `'fused'` / `'nt'` (any case) or an `Impl` to `Impl`."""
+  return checks.canonical_enum(impl, Impl, name)
 
 
 def conv_ntk(x1: jax.Array,

@@ -61,15 +61,7 @@ class Kind(enum.Enum):
 
 def canonical_kind(kind: Union[str, Kind], name: str = 'kind') -> Kind:
   """Normalises `'ntk'` / `'nngp'` (any case) or a `Kind` to `Kind`."""
-  if isinstance(kind, Kind):
-    return kind
-  if isinstance(kind, str):
-    try:
-      return Kind(kind.lower())
-    except ValueError:
-      pass
-  raise ValueError(f'`{name}` must be one of {[k.value for k in Kind]} (or a `Kind`), '
-                   f'got {kind!r}.')
+  return checks.canonical_enum(kind, Kind, name)
 
 
 # --------------------------------------------------------------------------------------------
