@@ -147,13 +147,23 @@ def _arccos(x: jax.Array) -> jax.Array:
 
 
 def _relu_primal(k11, k22, k12):
-  prod = k11 * k22
-  ok = prod > 0
-  safe_prod = jnp.where(ok, prod, jnp.ones_like(prod))
-  inv_norm = jax.lax.rsqrt(safe_prod)
-  norm = safe_prod * inv_norm  # sqrt(k11 k22)
+  """`(R, D, ok, sin t, inv_sqrt_k11, inv_sqrt_k22)`; k11, k22 may be broadcast (per image).
+
+  Square roots and inverses are taken of `k11` and `k22` separately: in the recursion they
+  have one entry per image and position, not per pair, so the per-pair work is only
+  multiplications, one square root (sin t) and the arccos polynomial. (XLA's CPU `rsqrt` of
+  the per-pair product cost as much as everything else together.)
+  """
+  ok1 = k11 > 0
+  ok2 = k22 > 0
+  sqrt1 = jnp.sqrt(jnp.where(ok1, k11, jnp.zeros_like(k11)))
+  sqrt2 = jnp.sqrt(jnp.where(ok2, k22, jnp.zeros_like(k22)))
+  inv1 = jnp.where(ok1, 1 / jnp.where(ok1, sqrt1, jnp.ones_like(sqrt1)), jnp.zeros_like(sqrt1))
+  inv2 = jnp.where(ok2, 1 / jnp.where(ok2, sqrt2, jnp.ones_like(sqrt2)), jnp.zeros_like(sqrt2))
+  ok = ok1 & ok2
+  norm = sqrt1 * sqrt2  # sqrt(k11 k22)
   # Rounding can push |cos t| a hair above 1; arccos would return NaN there.
-  cos = jnp.clip(k12 * inv_norm, -1, 1)
+  cos = jnp.clip(k12 * (inv1 * inv2), -1, 1)
   # sin t from (1 - c)(1 + c), which is exact in c, so that sin t and t = arccos(c) agree to
   # rounding even for t -> 0 (e.g. K(x, x)); sqrt(k11 k22 - k12^2) would amplify rounding
   # noise of 1e-16 to 1e-8 there, and deeper layers would amplify that again.
@@ -164,30 +174,39 @@ def _relu_primal(k11, k22, k12):
   # sin t - t cos t = t^3 / 3 + O(t^5) is well conditioned near t = 0.
   r = jnp.where(ok, k12 + norm * (sin - theta * cos) * inv_pi, jnp.zeros_like(k12))
   d = jnp.where(ok, (math.pi - theta) * inv_pi, jnp.full_like(k12, 0.5))
-  return r, d, ok, norm * sin, inv_norm
+  return r, d, ok, sin, cos, sqrt1, sqrt2, inv1, inv2
+
+
+def _relu_partials(k11, k22, k12):
+  """`R`, `D` and their six partial derivatives w.r.t. `(k11, k22, k12)`.
+
+  With `s1 = sqrt(k11)`, `s2 = sqrt(k22)`, `cos t = k12 / (s1 s2)`:
+  `dR/dk12 = D`, `dR/dk11 = sin t s2 / (2 pi s1)`, `dD/dk12 = 1 / (pi s1 s2 sin t)`,
+  `dD/dk11 = -cos t / (2 pi k11 sin t)` (and `k11 <-> k22`). Where they are singular (a zero
+  variance, or t in {0, pi}) the singular ones are 0 (the symmetric limit, see the module
+  docstring).
+  """
+  r, d, ok, sin, cos, sqrt1, sqrt2, inv1, inv2 = _relu_primal(k11, k22, k12)
+  smooth = ok & (sin > 0)
+  zero = jnp.zeros_like(r)
+  inv_sin = jnp.where(smooth, 1 / jnp.where(smooth, sin, jnp.ones_like(sin)), zero)
+  inv_2pi = 1 / (2 * math.pi)
+  dr_dk11 = jnp.where(smooth, sin * (sqrt2 * inv1 * inv_2pi), zero)
+  dr_dk22 = jnp.where(smooth, sin * (sqrt1 * inv2 * inv_2pi), zero)
+  dd_dk12 = inv_sin * (inv1 * inv2 * (1 / math.pi))
+  cos_inv_sin = cos * inv_sin
+  dd_dk11 = cos_inv_sin * (-(inv1 * inv1) * inv_2pi)
+  dd_dk22 = cos_inv_sin * (-(inv2 * inv2) * inv_2pi)
+  return r, d, (dr_dk11, dr_dk22, d), (dd_dk11, dd_dk22, dd_dk12)
 
 
 @relu_kernels.defjvp
 def _relu_kernels_jvp(primals, tangents):
   k11, k22, k12 = primals
   dk11, dk22, dk12 = tangents
-  r, d, ok, sin_part, _ = _relu_primal(k11, k22, k12)
-  # Partial derivatives, zero where they are singular (zero positions, t in {0, pi}).
-  smooth = ok & (sin_part > 0)
-  safe_sin = jnp.where(smooth, sin_part, jnp.ones_like(sin_part))
-  safe_k11 = jnp.where(smooth, k11, jnp.ones_like(k11))
-  safe_k22 = jnp.where(smooth, k22, jnp.ones_like(k22))
-  zero = jnp.zeros_like(r)
-  inv_2pi = 1 / (2 * math.pi)
-  dr_dk11 = jnp.where(smooth, sin_part * inv_2pi / safe_k11, zero)
-  dr_dk22 = jnp.where(smooth, sin_part * inv_2pi / safe_k22, zero)
-  # D = (pi - arccos(k12 / sqrt(k11 k22))) / pi; with s = sqrt(k11 k22 - k12^2):
-  # dD/dk12 = 1 / (pi s), dD/dk11 = -k12 / (2 pi k11 s), dD/dk22 = -k12 / (2 pi k22 s).
-  dd_dk12 = jnp.where(smooth, 1 / (math.pi * safe_sin), zero)
-  dd_dk11 = jnp.where(smooth, -k12 * inv_2pi / (safe_k11 * safe_sin), zero)
-  dd_dk22 = jnp.where(smooth, -k12 * inv_2pi / (safe_k22 * safe_sin), zero)
-  dr = d * dk12 + dr_dk11 * dk11 + dr_dk22 * dk22
-  dd = dd_dk12 * dk12 + dd_dk11 * dk11 + dd_dk22 * dk22
+  r, d, (r11, r22, r12), (d11, d22, d12) = _relu_partials(k11, k22, k12)
+  dr = r12 * dk12 + r11 * dk11 + r22 * dk22
+  dd = d12 * dk12 + d11 * dk11 + d22 * dk22
   return (r, d), (dr, dd)
 
 
@@ -337,6 +356,86 @@ def _self_kernel_internal(g1, depth, q, padding, channels, kind):
     k = _window_sum(k, q, padding)
 
 
+def _window_sum_transpose(ct: jax.Array, in_shape, q: int,
+                          padding: checks.Padding) -> jax.Array:
+  """Adjoint of `_window_sum` (a linear map from `in_shape`), applied to `ct`."""
+  fn = lambda a: _window_sum(a, q, padding)
+  return jax.linear_transpose(fn, jax.ShapeDtypeStruct(in_shape, ct.dtype))(ct)[0]
+
+
+def kernel_and_gram_grads_internal(g12, g1, g2, depth, q, padding, channels, kind):
+  """Kernel and its exact gradients w.r.t. the Grams, by a hand-written reverse pass.
+
+  Spatial-leading layout: `g12` `(H', W', n1, n2)`, `g1` `(H', W', n1)`, `g2` `(H', W', n2)`.
+  The self Grams enter every pair's kernel, so their gradients are returned *per pair*
+  (`dK[a, b] / d g1[., ., a]` restricted to the entry `(a, b)`), which is what the patch AGOP
+  of a kernel predictor needs (`predictor_agop`).
+
+  The pass stores the ReLU map's six partial derivatives per layer (the same values as the
+  `custom_jvp` of `relu_kernels`, so the result equals reverse-mode autodiff of
+  `_kernel_from_grams_internal` to rounding) and runs the recursion backwards:
+  `adj k12_l = adj R_l dR/dk12 + adj D_l dD/dk12`, likewise for `k11`, `k22`; window sums
+  go back through their transposes. Autodiff of the same recursion keeps the linearised
+  program's intermediates and costs about twice as much (measured on a 2-core CPU).
+
+  Returns:
+    `(K (n1, n2), dK/dg12, dK/dg1, dK/dg2)`, the last three `(H', W', n1, n2)`.
+  """
+  inv_c = 1 / channels
+  ntk = kind == Kind.NTK
+  k12 = g12 * inv_c
+  k11 = (g1 * inv_c)[:, :, :, None]
+  k22 = (g2 * inv_c)[:, :, None, :]
+  theta = k12 if ntk else None
+  saved = []
+  for layer in range(depth):
+    r, d, dr, dd = _relu_partials(k11, k22, k12)
+    saved.append((k12.shape, theta, d, dr, dd))
+    if layer < depth - 1:
+      k12 = _window_sum(r, q, padding)
+      k11 = _window_sum(k11, q, padding)
+      k22 = _window_sum(k22, q, padding)
+      if ntk:
+        theta = _window_sum(theta * d + r, q, padding)
+  positions = r.shape[0] * r.shape[1]
+  if ntk:
+    value = jnp.mean(theta * d + r, axis=(0, 1))
+    adj_theta = d * (1 / positions)
+    adj_d = theta * (1 / positions)
+  else:
+    value = jnp.mean(r, axis=(0, 1))
+    adj_theta = adj_d = None
+  adj_r = jnp.full_like(r, 1 / positions)
+  carry11 = carry22 = None
+  for layer in reversed(range(depth)):
+    shape, theta_l, d_l, (r11, r22, r12), (d11, d22, d12) = saved[layer]
+    adj_k12 = adj_r * r12
+    adj_k11 = adj_r * r11
+    adj_k22 = adj_r * r22
+    if adj_d is not None:
+      adj_k12 = adj_k12 + adj_d * d12
+      adj_k11 = adj_k11 + adj_d * d11
+      adj_k22 = adj_k22 + adj_d * d22
+    if carry11 is not None:
+      adj_k11 = adj_k11 + carry11
+      adj_k22 = adj_k22 + carry22
+    if layer == 0:
+      if ntk:
+        adj_k12 = adj_k12 + adj_theta
+      return value, adj_k12 * inv_c, adj_k11 * inv_c, adj_k22 * inv_c
+    prev_shape = saved[layer - 1][0]
+    back = lambda a: _window_sum_transpose(a, prev_shape, q, padding)
+    carry11, carry22 = back(adj_k11), back(adj_k22)
+    adj_r = back(adj_k12)
+    if ntk:
+      u = back(adj_theta)
+      _, theta_prev, d_prev, _, _ = saved[layer - 1]
+      adj_r = adj_r + u
+      adj_d = u * theta_prev
+      adj_theta = u * d_prev
+    del shape, theta_l, d_l
+
+
 @functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'kind'))
 def fused_self_kernel(x, metric, depth, q, padding, kind):
   """Unchecked `(n,)` diagonal `K(x_a, x_a)` of the fused kernel (exact angle 0)."""
@@ -460,9 +559,43 @@ def _pad_batch(x: jax.Array, multiple: int) -> jax.Array:
   return jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)], axis=0)
 
 
+# Patch dimension up to which the metric path precomputes every image's patches and `M p` once
+# per call (memory n * H' W' * d per operand); beyond it (deep layers with many channels) the
+# patches of each tile are formed inside the tile loop.
+_MAX_PRECOMPUTED_PATCH_DIM = 64
+
+
 def _fused_block(x1, x2, metric, depth, q, padding, kind):
   g12, g1, g2 = _grams_internal(x1, x2, metric, q, padding)
   return _kernel_from_grams_internal(g12, g1, g2, depth, q, padding, x1.shape[-1], kind)
+
+
+def _patch_features(x, metric, q, padding, block):
+  """`(blocks, H', W', block, d)` patches, the same times `M`, and `(blocks, H', W', block)` Grams.
+
+  Positions lead and images follow, the layout of the tile recursion; the cross Gram of two
+  tiles is then one batched matmul `(H', W', b1, d) @ (H', W', d, b2)`.
+  """
+  p = patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
+  mp = p @ metric
+  sq = jnp.sum(p * mp, axis=-1)
+  n, h, w, d = p.shape
+
+  def split(a):
+    a = a.reshape((n // block, block) + a.shape[1:])
+    return jnp.moveaxis(a, 1, 3)
+  return split(p), split(mp), split(sq)
+
+
+def _num_blocks(features) -> int:
+  return jax.tree.leaves(features)[0].shape[0]
+
+
+def _fused_block_from_features(f1, f2, depth, q, padding, channels, kind):
+  p1, _, sq1 = f1
+  _, mp2, sq2 = f2
+  g12 = jnp.matmul(p1, jnp.swapaxes(mp2, -1, -2))          # (H', W', b1, b2)
+  return _kernel_from_grams_internal(g12, sq1, sq2, depth, q, padding, channels, kind)
 
 
 @functools.partial(jax.jit,
@@ -471,6 +604,8 @@ def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
   """Unchecked fused kernel `(n1, n2)`, computed in `(b1, b2)` tiles (`lax.map` loops).
 
   `tile=None` picks `tile_shape(n1, n2, H' W')`; `tile=(n1, n2)` computes in one piece.
+  With a metric of patch dimension `d <= 64`, every image's patches, `M p` and self Grams are
+  computed once per call rather than once per tile.
   """
   n1, n2 = x1.shape[0], x2.shape[0]
   if tile is None:
@@ -479,14 +614,24 @@ def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
               _TILE_ELEMENTS_ACCELERATOR)
     tile = tile_shape(n1, n2, out_h * out_w, budget)
   b1, b2 = min(tile[0], n1), min(tile[1], n2)
+  channels = x1.shape[-1]
+  x1p = _pad_batch(x1, b1)
+  x2p = _pad_batch(x2, b2)
+  if metric is not None and metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM:
+    f1 = _patch_features(x1p, metric, q, padding, b1)
+    f2 = _patch_features(x2p, metric, q, padding, b2)
+    block = functools.partial(_fused_block_from_features, depth=depth, q=q, padding=padding,
+                              channels=channels, kind=kind)
+  else:
+    f1 = x1p.reshape((-1, b1) + x1.shape[1:])
+    f2 = x2p.reshape((-1, b2) + x2.shape[1:])
+    block = lambda a, b: _fused_block(a, b, metric, depth, q, padding, kind)
   if (b1, b2) == (n1, n2):
-    return _fused_block(x1, x2, metric, depth, q, padding, kind)
-  x1b = _pad_batch(x1, b1).reshape((-1, b1) + x1.shape[1:])
-  x2b = _pad_batch(x2, b2).reshape((-1, b2) + x2.shape[1:])
+    return block(jax.tree.map(lambda a: a[0], f1), jax.tree.map(lambda a: a[0], f2))
 
-  def row(xa):
-    cols = jax.lax.map(lambda xb: _fused_block(xa, xb, metric, depth, q, padding, kind), x2b)
+  def row(fa):
+    cols = jax.lax.map(lambda fb: block(fa, fb), f2)
     return jnp.transpose(cols, (1, 0, 2)).reshape(b1, -1)  # (b1, n2 padded)
 
-  out = jax.lax.map(row, x1b).reshape(-1, x2b.shape[0] * b2)
+  out = jax.lax.map(row, f1).reshape(-1, _num_blocks(f2) * b2)
   return out[:n1, :n2]
