@@ -405,3 +405,34 @@ def test_symmetric_diagonal_exact_in_float32(kind):
   k32 = jconvrfm.conv_ntk(x.astype(jnp.float32), metric=metric.astype(jnp.float32), **kw)
   np.testing.assert_allclose(np.diag(k32), np.diag(k64), rtol=2e-6)
   tolerances.assert_rel_fro(k32, k64, 1e-4, 'whole matrix')
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('kind', [fused.Kind.NTK, fused.Kind.NNGP])
+def test_hand_written_reverse_pass_matches_autodiff(padding, kind):
+  """`kernel_and_gram_grads_internal` == reverse-mode autodiff, per pair, float64."""
+  pad = jconvrfm.Padding(padding)
+  rng = np.random.default_rng(11)
+  x1 = jnp.asarray(rng.normal(size=(3, 9, 9, 2)))
+  x2 = jnp.asarray(rng.normal(size=(4, 9, 9, 2))).at[0].set(0.0)   # a zero image
+  x2 = x2.at[1].set(x1[2])                                        # a coinciding pair
+  g12, g1, g2 = fused._grams_internal(x1, x2, None, 3, pad)
+  for depth in (1, 3):
+    def total(g12, g1r, g2r):  # self Grams replicated per pair: each pair its own copy
+      out = 0.0
+      for a in range(3):
+        for b in range(4):
+          out = out + fused._kernel_from_grams_internal(
+              g12[:, :, a:a + 1, b:b + 1], g1r[:, :, a, b][:, :, None],
+              g2r[:, :, a, b][:, :, None], depth, 3, pad, 2, kind)[0, 0]
+      return out
+    g1r = jnp.broadcast_to(g1[:, :, :, None], g12.shape)
+    g2r = jnp.broadcast_to(g2[:, :, None, :], g12.shape)
+    want = jax.grad(total, argnums=(0, 1, 2))(g12, g1r, g2r)
+    value, *got = fused.kernel_and_gram_grads_internal(g12, g1, g2, depth, 3, pad, 2, kind)
+    np.testing.assert_allclose(
+        value, fused._kernel_from_grams_internal(g12, g1, g2, depth, 3, pad, 2, kind),
+        rtol=1e-12)
+    for name, a, b in zip(('gram12', 'sq1', 'sq2'), got, want):
+      assert bool(jnp.all(jnp.isfinite(a))), name
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f'{name} depth {depth}')

@@ -161,3 +161,46 @@ def test_bad_input(kwargs, match):
 def test_docstring_examples():
   failures, _ = doctest.testmod(pa)
   assert failures == 0
+
+
+# The fused CNTK brings a hand-written reverse pass (`GramConvKernel.grads_spatial_leading`):
+# the fast path then skips autodiff and lays blocks out (positions, samples, train).
+
+
+@pytest.mark.parametrize('padding,kind', [('VALID', 'ntk'), ('SAME', 'nngp'),
+                                          ('CIRCULAR', 'ntk'), ('SAME', 'ntk')])
+@pytest.mark.parametrize('with_metric', [False, True])
+def test_hand_written_cntk_path_matches_brute_force(padding, kind, with_metric):
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  x, alpha, z, metric = _problem(7, n=5, s=3, size=7, with_metric=with_metric)
+  kernel = fused.GramConvKernel(2, 3, checks.canonical_padding(padding), 2,
+                                fused.canonical_kind(kind))
+  plain = lambda g, s1, s2: kernel(g, s1, s2)   # same function, autodiff only
+  want = brute_force_agop(plain, x, alpha, z, 3, padding, metric)
+  got = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, padding=padding,
+                                     metric=metric if with_metric else None,
+                                     train_block=2, z_block=2)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'hand-written {padding} {kind}')
+  # Training images as samples: coinciding pairs take the kernel's own convention.
+  idx = np.array([3, 0, 4])
+  want = brute_force_agop(plain, x, alpha, x[idx], 3, padding, metric, idx)
+  got = pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
+                                     padding=padding, metric=metric)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'hand-written z_indices {padding} {kind}')
+
+
+def test_hand_written_cntk_path_blocks_do_not_change_result():
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  x, alpha, z, metric = _problem(8, n=7, s=5, size=7)
+  kernel = fused.GramConvKernel(2, 3, checks.Padding.VALID, 2)
+  whole = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, metric=metric)
+  seen = []
+  chunked = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, metric=metric,
+                                         train_block=3, z_block=2, progress=seen.append)
+  assert seen == [2, 2, 1]
+  tolerances.assert_rel_fro(chunked, whole, 1e-12, 'hand-written chunked')
+  generic = pa.predictor_agop_from_grams(lambda g, s1, s2: kernel(g, s1, s2), x, alpha, z,
+                                         patch_size=3, metric=metric)
+  tolerances.assert_rel_fro(generic, whole, 1e-10, 'hand-written vs autodiff fast path')

@@ -40,6 +40,7 @@ References:
   convolutional neural networks. arXiv:2309.00570, 2023 (the ConvRFM base kernel).
 """
 
+import dataclasses
 import enum
 import functools
 import math
@@ -522,6 +523,39 @@ def conv_kernel_from_grams(gram12: jax.Array,
         f'{tuple(gram12.shape)}, got {tuple(sq1.shape)} and {tuple(sq2.shape)}.')
   check_depth_fits(h, w, depth, q, pad)
   return _kernel_from_grams_jit(gram12, sq1, sq2, depth, q, pad, channels, kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class GramConvKernel:
+  """The fused CNTK / CNNGP as a function of patch Grams, with a hand-written gradient.
+
+  Calling it is `conv_kernel_from_grams` with these settings; `grads_spatial_leading` is
+  `kernel_and_gram_grads_internal` (unchecked, spatial-leading layout), which
+  `predictor_agop.predictor_agop_from_grams` uses instead of autodiff when present. Frozen
+  and hashable, so jitted callers compile once per configuration.
+
+  Attributes:
+    depth: Conv + ReLU blocks.
+    patch_size: q.
+    padding: padding of the layers after the first.
+    channels: input channels c.
+    kind: NTK or NNGP.
+  """
+  depth: int
+  patch_size: int
+  padding: checks.Padding
+  channels: int
+  kind: Kind = Kind.NTK
+
+  def __call__(self, gram12: jax.Array, sq1: jax.Array, sq2: jax.Array) -> jax.Array:
+    return conv_kernel_from_grams(gram12, sq1, sq2, depth=self.depth,
+                                  patch_size=self.patch_size, padding=self.padding,
+                                  channels=self.channels, kind=self.kind)
+
+  def grads_spatial_leading(self, g12: jax.Array, g1: jax.Array, g2: jax.Array):
+    """`(K, dK/dg12, dK/dg1, dK/dg2)` for `(H', W', n1, n2)`, `(H', W', n1)`, `(H', W', n2)`."""
+    return kernel_and_gram_grads_internal(g12, g1, g2, self.depth, self.patch_size,
+                                          self.padding, self.channels, self.kind)
 
 
 # Pairs per tile times spatial positions: ~2^19 keeps a tile's intermediates (2 MiB each in
