@@ -287,32 +287,123 @@ def test_noisy_frame_placement_and_noise():
                                zero.images[k, i:i + 28, j:j + 28] + digits.images[k], rtol=1e-6)
 
 
+def _place(mask, corner, image_size):
+  """Brute force: a boolean image that is True exactly on `mask` with its top-left at `corner`."""
+  out = np.zeros((image_size, image_size), dtype=bool)
+  for a in range(mask.shape[0]):
+    for b in range(mask.shape[1]):
+      if mask[a, b]:
+        out[corner[0] + a, corner[1] + b] = True
+  return out
+
+
+def _star_corners(clean, mask, star_channels):
+  """Checks every clean star image pixel by pixel; returns the positives' corners."""
+  n, image_size, _, channels = clean.images.shape
+  corners = []
+  for k in range(n):
+    image = clean.images[k]
+    if clean.labels[k] == 0:
+      assert not image.any()
+      continue
+    ones = image == 1
+    assert np.array_equal(ones, image != 0)  # Only the star, of value 1.
+    rows, cols = np.nonzero(ones.any(-1))
+    corner = (rows.min(), cols.min())
+    expected = _place(mask, corner, image_size)
+    for ch in range(channels):
+      np.testing.assert_array_equal(ones[..., ch], expected if ch in star_channels else False)
+    corners.append(corner)
+  return np.array(corners)
+
+
+def test_star_mask_shapes():
+  ref = data.star_mask()
+  assert ref.shape == (7, 7) and ref.dtype == bool
+  # The reference five-pointed star, row by row (aradha/agop_feature_learning draw_star):
+  # one tip pixel, 3, the full arms row of 7, 5, a 3-pixel waist, 5, and two 2-pixel legs.
+  np.testing.assert_array_equal(ref.sum(1), [1, 3, 7, 5, 3, 5, 4])
+  np.testing.assert_array_equal(ref, ref[:, ::-1])  # Mirror-symmetric.
+  assert ref[0, 3] and ref[2].all() and not ref[6, 3] and not ref[6, 0]
+  for rows in ([1, 4], [3, 5]):  # Centred runs.
+    for r in rows:
+      width = ref[r].sum()
+      assert ref[r, 3 - width // 2:4 + width // 2].all()
+  np.testing.assert_array_equal(data.star_mask(7, shape='reference'), ref)
+  ast = data.star_mask(7, shape='asterisk')
+  assert ast.sum() == 4 * 7 - 3 and ast[3].all() and ast[:, 3].all() and ast[0, 0]
+  assert ast[0, 6] and ast[6, 0] and not ast[0, 1]
+  assert data.star_mask(5, shape='asterisk').sum() == 4 * 5 - 3
+  with pytest.raises(ValueError, match='star_size'):
+    data.star_mask(9)
+  with pytest.raises(ValueError, match='odd'):
+    data.star_mask(6, shape='asterisk')
+  with pytest.raises(ValueError, match='star_shape'):
+    data.star_mask(7, shape='circle')
+
+
+def test_star_corner_range():
+  # Reference: offsets randint(0, S - 15) added to rows 3.. and columns 7.. of the star.
+  for size in (15, 32, 40):
+    assert synthetic.star_corner_range(size, 7) == ((3, size - 12), (7, size - 8))
+    assert synthetic.star_corner_range(size, 7, 'uniform') == ((0, size - 7), (0, size - 7))
+  with pytest.raises(ValueError, match='fit'):
+    synthetic.star_corner_range(14, 7)
+  with pytest.raises(ValueError, match='fit'):
+    synthetic.star_corner_range(32, 9)  # Columns up to 24 + 9 > 32.
+  with pytest.raises(ValueError, match='placement'):
+    synthetic.star_corner_range(32, 7, 'centre')
+
+
 def test_star_task():
-  n = 101
+  n = 401
   clean = data.star(n, seed=4, noise_std=0.0)
   noisy = data.star(n, seed=4)
-  assert noisy.images.shape == (n, 32, 32, 3) and noisy.num_classes == 2
-  np.testing.assert_array_equal(np.bincount(noisy.labels), [51, 50])
+  assert noisy.images.shape == (n, 32, 32, 3) and noisy.images.dtype == np.float32
+  assert noisy.labels.dtype == np.int32 and noisy.num_classes == 2
+  np.testing.assert_array_equal(np.bincount(noisy.labels), [201, 200])
   np.testing.assert_array_equal(clean.labels, noisy.labels)
-  mask = data.star_mask(7)
-  assert mask.sum() == 4 * 7 - 3 and mask[3].all() and mask[:, 3].all() and mask[0, 0]
-  for k in range(n):
-    ones = clean.images[k] == 1
-    if clean.labels[k] == 0:
-      assert not ones.any() and not clean.images[k].any()
-      continue
-    assert not ones[..., 2].any()
-    np.testing.assert_array_equal(ones[..., 0], ones[..., 1])
-    rows, cols = np.nonzero(ones[..., 0])
-    i, j = rows.min(), cols.min()
-    assert rows.max() - i == 6 and cols.max() - j == 6  # The star lies inside the image.
-    np.testing.assert_array_equal(ones[i:i + 7, j:j + 7, 0], mask)
-    # In the noisy version the star pixels are exactly 1 (replaced), noise elsewhere.
-    np.testing.assert_array_equal(noisy.images[k][ones], 1.0)
-  background = noisy.images[clean.images == 0]
+  corners = _star_corners(clean, data.star_mask(), star_channels=(2,))  # The last channel.
+  assert len(corners) == 200
+  # Corners cover exactly rows 3..20 and columns 7..24, roughly uniformly (sd 5.19 per axis).
+  assert corners[:, 0].min() == 3 and corners[:, 0].max() == 20
+  assert corners[:, 1].min() == 7 and corners[:, 1].max() == 24
+  np.testing.assert_allclose(corners.mean(0), [11.5, 15.5], atol=5 * 5.19 / np.sqrt(200))
+  # In the noisy version the star pixels are exactly 1 (replaced), noise elsewhere.
+  star_pixels = clean.images == 1
+  np.testing.assert_array_equal(noisy.images[star_pixels], 1.0)
+  background = noisy.images[~star_pixels]
   assert abs(background.std() / 0.3 - 1) < _std_tol(background.size)
-  assert not np.array_equal(data.star(n, seed=5).images, noisy.images)
+  assert abs(background.mean()) < 5 * 0.3 / np.sqrt(background.size)
+  # The noise is the same with or without the star, off the star.
+  np.testing.assert_array_equal(noisy.images[~star_pixels],
+                                data.star(n, seed=4).images[~star_pixels])
+  # Seeds: reproducible bit for bit, different seeds differ.
   np.testing.assert_array_equal(data.star(n, seed=4).images, noisy.images)
+  np.testing.assert_array_equal(data.star(n, seed=4).labels, noisy.labels)
+  assert not np.array_equal(data.star(n, seed=5).images, noisy.images)
+
+
+def test_star_task_options():
+  n = 300
+  clean = data.star(n, seed=1, noise_std=0.0, star_shape='asterisk', star_size=5,
+                    placement='uniform', star_channels=(2,), image_size=20)
+  assert clean.images.shape == (n, 20, 20, 3)
+  corners = _star_corners(clean, data.star_mask(5, shape='asterisk'), star_channels=(2,))
+  assert corners.min() == 0 and corners.max() == 15  # Uniform over 0..20 - 5.
+  two = data.star(20, seed=0, noise_std=0.0, star_channels=(0, 1))  # The other version.
+  _star_corners(two, data.star_mask(), star_channels=(0, 1))
+  np.testing.assert_array_equal(two.labels, data.star(20, seed=0).labels)
+  with pytest.raises(ValueError, match='star_channels'):
+    data.star(4, seed=0, channels=1)  # The default channel 2 does not exist.
+  one = data.star(6, seed=0, channels=1, star_channels=(0,), dtype=np.float64)
+  assert one.images.shape == (6, 32, 32, 1) and one.images.dtype == np.float64
+  with pytest.raises(ValueError, match='placement'):
+    data.star(4, seed=0, placement='centre')
+  with pytest.raises(ValueError, match='star_shape'):
+    data.star(4, seed=0, star_shape='circle')
+  with pytest.raises(ValueError, match='fit'):
+    data.star(4, seed=0, image_size=14)
 
 
 def test_bars_task():

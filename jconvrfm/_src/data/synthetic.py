@@ -107,9 +107,60 @@ def noisy_frame(dataset: arrays.Dataset, *, frame_size: int = 42, sigma: float =
                         num_classes=dataset.num_classes)
 
 
-def star_mask(size: int = 7) -> np.ndarray:
-  """`(size, size)` boolean asterisk: middle row, middle column and both diagonals (odd size)."""
+# The star of the authors' reference generator, in its 7 x 7 bounding box (row by row): a
+# five-pointed star of 28 pixels. Source: aradha/agop_feature_learning,
+# kernel_machine_agop/conv_rfm/crfm_src/star_dataset.py (`draw_star`).
+_REFERENCE_STAR = (
+    '...#...',
+    '..###..',
+    '#######',
+    '.#####.',
+    '..###..',
+    '.#####.',
+    '.##.##.',
+)
+
+# Where the reference puts the star's bounding box in an `S x S` image: its top-left corner is
+# `(3 + a, 7 + b)` with `a, b` uniform on `{0, ..., S - 15}` (so rows 3..20 and columns 7..24
+# for S = 32), i.e. `(row_lo, col_lo) = (3, 7)` and `(row_hi, col_hi) = (S - 12, S - 8)`.
+_REFERENCE_CORNER_LO = (3, 7)
+_REFERENCE_CORNER_MARGIN = (12, 8)
+
+STAR_SHAPES = ('reference', 'asterisk')
+STAR_PLACEMENTS = ('reference', 'uniform')
+
+
+def star_mask(size: int = 7, *, shape: str = 'reference') -> np.ndarray:
+  """The star of the "star" task as a `(size, size)` boolean mask.
+
+  Args:
+    size: side of the mask. `shape='reference'` exists only for `size=7`; `'asterisk'` takes
+      any odd size >= 3.
+    shape: `'reference'` (default): the authors' five-pointed star, 28 pixels in a 7 x 7 box
+      (rows, top to bottom: `...#...`, `..###..`, `#######`, `.#####.`, `..###..`, `.#####.`,
+      `.##.##.`); `'asterisk'`: middle row, middle column and both diagonals.
+
+  Returns:
+    A `(size, size)` boolean array, True on the star.
+
+  References:
+    D. Beaglehole et al., arXiv:2309.00570, section 5. The reference shape is the one drawn by
+    `draw_star` in aradha/agop_feature_learning,
+    kernel_machine_agop/conv_rfm/crfm_src/star_dataset.py.
+
+  Example:
+    >>> from jconvrfm.data import star_mask
+    >>> int(star_mask().sum()), int(star_mask(5, shape='asterisk').sum())
+    (28, 17)
+  """
+  if shape not in STAR_SHAPES:
+    raise ValueError(f'`star_shape` must be one of {STAR_SHAPES}, got {shape!r}.')
   size = _check_int(size, 'star_size', 3)
+  if shape == 'reference':
+    if size != len(_REFERENCE_STAR):
+      raise ValueError(
+          f"`star_size` must be {len(_REFERENCE_STAR)} for star_shape='reference', got {size}.")
+    return np.array([[ch == '#' for ch in row] for row in _REFERENCE_STAR], dtype=bool)
   if size % 2 == 0:
     raise ValueError(f'`star_size` must be odd, got {size}.')
   mask = np.eye(size, dtype=bool) | np.fliplr(np.eye(size, dtype=bool))
@@ -118,32 +169,97 @@ def star_mask(size: int = 7) -> np.ndarray:
   return mask
 
 
+def star_corner_range(image_size: int = 32, star_size: int = 7,
+                      placement: str = 'reference') -> Tuple[Tuple[int, int], Tuple[int, int]]:
+  """Inclusive ranges of the star's top-left corner: `((row_lo, row_hi), (col_lo, col_hi))`.
+
+  Args:
+    image_size: side of the square image.
+    star_size: side of the star's bounding box.
+    placement: `'reference'` (default): as the authors' generator, rows
+      `3 .. image_size - 12` and columns `7 .. image_size - 8` (3..20 and 7..24 for a 32 x 32
+      image: the star never touches the top 3 rows or the left 7 columns); `'uniform'`: every
+      position that keeps the star inside the image, `0 .. image_size - star_size` in both axes.
+
+  Returns:
+    `((row_lo, row_hi), (col_lo, col_hi))`, both ranges inclusive.
+
+  Raises:
+    ValueError: unknown placement, or the star does not fit in the image at every corner in
+      the range.
+
+  References:
+    aradha/agop_feature_learning, kernel_machine_agop/conv_rfm/crfm_src/star_dataset.py
+    (offsets `random.randint(0, IMG_SIZE - 15)` added to the star's rows 3.. and columns 7..).
+
+  Example:
+    >>> from jconvrfm._src.data.synthetic import star_corner_range
+    >>> star_corner_range(32, 7), star_corner_range(32, 7, 'uniform')
+    (((3, 20), (7, 24)), ((0, 25), (0, 25)))
+  """
+  if placement not in STAR_PLACEMENTS:
+    raise ValueError(f'`placement` must be one of {STAR_PLACEMENTS}, got {placement!r}.')
+  if placement == 'uniform':
+    hi = image_size - star_size
+    ranges = ((0, hi), (0, hi))
+  else:
+    ranges = tuple((lo, image_size - margin)
+                   for lo, margin in zip(_REFERENCE_CORNER_LO, _REFERENCE_CORNER_MARGIN))
+  for lo, hi in ranges:
+    if hi < lo or hi + star_size > image_size:
+      raise ValueError(
+          f'a {star_size}-pixel star does not fit in a {image_size}-pixel image with '
+          f'placement={placement!r}.')
+  return ranges
+
+
 def star(n: int, *, seed: int, image_size: int = 32, noise_std: float = 0.3,
-         star_size: int = 7, channels: int = 3, star_channels: Sequence[int] = (0, 1),
+         star_shape: str = 'reference', star_size: int = 7, placement: str = 'reference',
+         channels: int = 3, star_channels: Sequence[int] = (2,),
          dtype=np.float32) -> arrays.Dataset:
   """The "star" task: is there a small star somewhere in the noise?
 
   Every image is i.i.d. `N(0, noise_std^2)` noise of shape `(image_size, image_size,
-  channels)`. Positives (label 1) also carry a `star_size x star_size` asterisk (see
-  `star_mask`) whose pixels are set to 1 (replacing the noise) in the channels
-  `star_channels`, with its top-left corner uniform over all positions that keep it inside
-  the image. Labels are balanced (counts differ by at most one) in random order.
+  channels)`. Positives (label 1) also carry a star (`star_mask(star_size, shape=star_shape)`)
+  whose pixels are set to 1 (replacing the noise) in the channels `star_channels`; the top-left
+  corner of its bounding box is uniform over `star_corner_range(image_size, star_size,
+  placement)`, independently per image. Labels are balanced (counts differ by at most one) in
+  random order.
+
+  The defaults are the authors' reference generator: 3 x 32 x 32 images, noise std 0.3, the
+  28-pixel five-pointed star of value 1, its 7 x 7 box at rows 3..20 and columns 7..24. The
+  reference file has two stored versions that differ only in the star's channels: the last
+  channel (`ex[-1]`) or channels 0 and 1 (`ex[:c]` with `c=2`). The default is the last
+  channel, `star_channels=(2,)`, the version that reproduces the reference notebook's numbers
+  (q = 11, depth 1, 50 train / 2050 test, ridge 1e-3: CNTK 78.0% -> 94.8% after one update;
+  ours, mean of seeds 0-3, same protocol: 78.0% -> 94.5%; with `star_channels=(0, 1)`:
+  86.0% -> 95.7%). The reference draws equally many positives and negatives and shuffles
+  them, then takes the first 50 as training set and the other 2050 as test set, so its
+  training set is balanced only on average; here every call is balanced.
 
   Args:
     n: number of examples.
     seed: random seed.
-    image_size: side of the square image (paper: 32).
-    noise_std: noise standard deviation (paper: 0.3).
-    star_size: odd side of the star (about 7 in the paper).
-    channels: number of channels (paper: 3).
-    star_channels: the channels that carry the star (paper: two of the three).
+    image_size: side of the square image (reference: 32).
+    noise_std: noise standard deviation (reference: 0.3).
+    star_shape: `'reference'` (five-pointed, 7 x 7) or `'asterisk'` (see `star_mask`).
+    star_size: side of the star's bounding box (7; any odd size for `'asterisk'`).
+    placement: `'reference'` or `'uniform'` (see `star_corner_range`).
+    channels: number of channels (reference: 3).
+    star_channels: the channels that carry the star (reference: `(2,)`, the last one;
+      `(0, 1)` in the other stored version).
     dtype: float32 or float64.
 
   Returns:
     `Dataset(images (n, image_size, image_size, channels), labels (n,) int32 in {0, 1}, 2)`.
 
   References:
-    D. Beaglehole et al., arXiv:2309.00570, section 5 and appendix (star, q = 11).
+    D. Beaglehole et al., arXiv:2309.00570, section 5 and appendix (star, q = 11). Facts
+    (shape, value, channels, offsets, noise, class counts) from the authors' generator:
+    aradha/agop_feature_learning, kernel_machine_agop/conv_rfm/crfm_src/star_dataset.py
+    (versions a7c8bc35: last channel, 9650a768: channels 0 and 1), used through `get_star` in
+    kernel_machine_agop/conv_rfm/crfm_src/dataset.py by
+    kernel_machine_agop/conv_rfm/CRFM_star.ipynb (whose output reports the 78.0% / 94.8%).
 
   Example:
     >>> from jconvrfm.data import star
@@ -157,9 +273,10 @@ def star(n: int, *, seed: int, image_size: int = 32, noise_std: float = 0.3,
   channels = _check_int(channels, 'channels')
   noise_std = _check_nonneg(noise_std, 'noise_std')
   dtype = _check_dtype(dtype)
-  mask = star_mask(star_size)
+  mask = star_mask(star_size, shape=star_shape)
   if star_size > image_size:
     raise ValueError(f'`star_size` ({star_size}) must not exceed `image_size` ({image_size}).')
+  (row_lo, row_hi), (col_lo, col_hi) = star_corner_range(image_size, star_size, placement)
   star_channels = list(star_channels)
   if not star_channels or any(
       isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < channels
@@ -170,9 +287,8 @@ def star(n: int, *, seed: int, image_size: int = 32, noise_std: float = 0.3,
   rng = np.random.default_rng(seed)
   labels = _balanced_labels(rng, n)
   images = _noise(rng, (n, image_size, image_size, channels), noise_std, dtype)
-  span = image_size - star_size + 1
-  rows = rng.integers(0, span, size=n)
-  cols = rng.integers(0, span, size=n)
+  rows = rng.integers(row_lo, row_hi + 1, size=n)
+  cols = rng.integers(col_lo, col_hi + 1, size=n)
   for k in np.flatnonzero(labels == 1):
     window = images[k, rows[k]:rows[k] + star_size, cols[k]:cols[k] + star_size]
     for ch in star_channels:
