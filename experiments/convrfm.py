@@ -6,12 +6,17 @@ Writes to `--workdir`:
   else it refuses);
 * `metrics.jsonl`: one JSON line per round: train/val/test accuracy and MSE of the chosen
   ridge, the chosen ridge and its Cholesky jitter, every ridge's scores, seconds in kernels,
-  solve and AGOP, and the peak resident memory so far;
-* `round_<t>.npz`: the metric `M_t`, the AGOP, `M_{t+1}`, alpha and the kernel scale of round t
-  (written atomically: temp file + rename; a killed run resumes after its last finished round);
+  solve and AGOP, and the peak resident memory so far. With `--refit` (default) `test_acc` /
+  `test_mse` are the predictor refitted on fit + validation images with the chosen ridge, and
+  `test_fit_only_acc` / `test_fit_only_mse` those of the fit-only predictor (the one whose AGOP
+  gives the next metric); train and val scores are always the fit-only predictor's;
+* `round_<t>.npz`: the metric `M_t`, the AGOP, `M_{t+1}`, alpha, the refit alpha and the kernel
+  scale of round t (written atomically: temp file + rename; a killed run resumes after its
+  last finished round; a workdir written before refit existed is refused with a message);
 * `eigenfilters_round<t>.png`: the top-8 eigenvectors of `M_t` as q x q (x c) filters;
   `filtered_round<t>.png`: a sample image filtered by `M_t` and by its leading eigenvectors;
-* `summary.json`: CNTK (round 0) vs ConvRFM test accuracy, selected round, total seconds.
+* `summary.json`: CNTK (round 0) vs ConvRFM test accuracy (refit, and fit-only), selected
+  round, total seconds.
 
 With no flags it runs the embedded "star" local-signal task (q = 11, one kernel layer, 50
 training images of which 20% are held out for selection) in about a minute on a 2-core CPU:
@@ -89,6 +94,8 @@ def define_flags(flag_values=FLAGS):
   define.float('keep_fraction', 1.0, 'Fraction of the spectrum of S kept ("thresh").')
   define.enum('dtype', 'float32', ['float32', 'float64'], 'Computation dtype.')
   define.bool('select_on_test', False, 'Reference protocol: select on the TEST set.')
+  define.bool('refit', True, 'Refit the chosen ridge on fit + validation images for the test '
+              'scores and predictions (the metric still comes from the fit-only predictor).')
   define.integer('seed', 0, 'Seed of data generation, splits and AGOP samples.')
   define.string('tfds_data_dir', None, 'tfds data_dir (cache of prepared datasets).')
   define.string('manual_dir', None, 'tfds manual_dir (e.g. ../shared/data/mnist).')
@@ -175,25 +182,45 @@ def prepare_workdir(workdir: str, config: Dict[str, Any]) -> pathlib.Path:
   cfg_path = path / 'config.json'
   config = json.loads(json.dumps(config))  # normalise tuples etc.
   if cfg_path.exists():
-    old = json.loads(cfg_path.read_text())
-    if old != config:
-      diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    old = _flatten(json.loads(cfg_path.read_text()))
+    new = _flatten(config)
+    if old != new:
+      diff = sorted(k for k in set(old) | set(new) if old.get(k, None) != new.get(k, None))
+      missing = sorted(set(new) - set(old))
+      older = (f' The saved config.json lacks {missing}: it was written by an older version '
+               'of this binary.' if missing else '')
       raise ValueError(
-          f'{workdir} holds a run with a different configuration (differs in {diff}); use a '
-          'new --workdir or the same flags to resume.')
+          f'{workdir} holds a run with a different configuration (differs in {diff}).{older} '
+          'Use a new --workdir or the same flags to resume.')
     logging.info('Resuming the run in %s.', workdir)
   else:
     atomic_write_json(cfg_path, config)
   return path
 
 
+def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`, so config differences name the nested field."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
 def _record_to_arrays(rec: crfm.RoundRecord) -> Dict[str, np.ndarray]:
+  """A round's arrays and scores for `round_<t>.npz` (`refit` marks the current format)."""
   out = dict(metric=np.asarray(rec.metric), alpha=np.asarray(rec.alpha),
              kernel_scale=np.asarray(rec.kernel_scale), ridge=np.asarray(rec.ridge),
              jitter=np.asarray(rec.jitter), round=np.asarray(rec.round),
+             refit=np.asarray(rec.refit_alpha is not None),
+             refit_jitter=np.asarray(rec.refit_jitter),
              extra=np.asarray(json.dumps({'scores': rec.scores,
                                           'ridge_scores': list(rec.ridge_scores),
                                           'seconds': rec.seconds})))
+  if rec.refit_alpha is not None:
+    out['refit_alpha'] = np.asarray(rec.refit_alpha)
   if rec.next_metric is not None:
     out['next_metric'] = np.asarray(rec.next_metric)
     out['agop'] = np.asarray(rec.agop)
@@ -201,16 +228,24 @@ def _record_to_arrays(rec: crfm.RoundRecord) -> Dict[str, np.ndarray]:
 
 
 def _record_from_npz(path: pathlib.Path, dtype) -> crfm.RoundRecord:
+  """Reads a `round_<t>.npz`; raises ValueError for one written before refit existed."""
   with np.load(path) as z:
+    if 'refit' not in z.files:
+      raise ValueError(f'{path} was written by an older version without the refit fields '
+                       '(refit, refit_alpha); resume it with that version or use a new '
+                       '--workdir.')
     extra = json.loads(str(z['extra']))
     has_next = 'next_metric' in z.files
+    has_refit = bool(z['refit'])
     return crfm.RoundRecord(
         round=int(z['round']), metric=jnp.asarray(z['metric'], dtype), ridge=float(z['ridge']),
         jitter=float(z['jitter']), alpha=jnp.asarray(z['alpha'], dtype),
         kernel_scale=float(z['kernel_scale']), scores=extra['scores'],
         ridge_scores=tuple(extra['ridge_scores']), seconds=extra['seconds'],
         next_metric=jnp.asarray(z['next_metric'], dtype) if has_next else None,
-        agop=jnp.asarray(z['agop'], dtype) if has_next else None)
+        agop=jnp.asarray(z['agop'], dtype) if has_next else None,
+        refit_alpha=jnp.asarray(z['refit_alpha'], dtype) if has_refit else None,
+        refit_jitter=float(z['refit_jitter']))
 
 
 def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
@@ -222,6 +257,10 @@ def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
   while (path / f'{prefix}round_{len(history)}.npz').exists():
     t = len(history)
     rec = _record_from_npz(path / f'{prefix}round_{t}.npz', state.config.dtype)
+    if (rec.refit_alpha is not None) != state.refits:
+      raise ValueError(f'{path / f"{prefix}round_{t}.npz"} was written with refit '
+                       f'{rec.refit_alpha is not None} but this run has refit {state.refits}; '
+                       'use a new --workdir.')
     if rec.next_metric is None and t + 1 < state.config.rounds:
       break  # a last round written without its update cannot be continued
     history.append(rec)
@@ -237,7 +276,10 @@ def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
 
 
 def metrics_line(rec: crfm.RoundRecord, **extra) -> Dict[str, Any]:
+  """One metrics.jsonl entry: `<split>_acc`, `<split>_mse` for every scored split ('test' is
+  the refit predictor's when `refit`, with the fit-only one as 'test_fit_only')."""
   line = dict(extra, round=rec.round, ridge=rec.ridge, jitter=rec.jitter,
+              refit=rec.refit_alpha is not None, refit_jitter=rec.refit_jitter,
               seconds=rec.seconds, ridge_scores=list(rec.ridge_scores),
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   for split, sc in rec.scores.items():
@@ -331,7 +373,7 @@ def config_from_flags(values) -> crfm.ConvRFMConfig:
       rounds=values.rounds, ridges=tuple(float(r) for r in values.ridges),
       agop_samples=values.agop_samples or None, power=values.power,
       keep_fraction=values.keep_fraction, dtype=values.dtype, val_fraction=values.val_fraction,
-      select_on_test=values.select_on_test, seed=values.seed,
+      select_on_test=values.select_on_test, refit=values.refit, seed=values.seed,
       kernel_block_size=values.kernel_block_size or None)
 
 
@@ -383,6 +425,13 @@ def run_rounds(state: crfm.ConvRFMState, path: pathlib.Path, *, prefix: str = ''
   return state
 
 
+def round_test_acc(rec: crfm.RoundRecord, fit_only: bool = False) -> Optional[float]:
+  """A round's test accuracy (refit predictor if any, or the fit-only one); None if no test."""
+  scores = rec.scores.get('test_fit_only', rec.scores.get('test')) if fit_only else (
+      rec.scores.get('test'))
+  return None if scores is None else scores['acc']
+
+
 def run(values) -> Dict[str, Any]:
   """The whole experiment for parsed flag `values`; returns the summary dict."""
   workdir = values.workdir or tempfile.mkdtemp(prefix='convrfm_')
@@ -403,10 +452,13 @@ def run(values) -> Dict[str, Any]:
   best = crfm.best_round(state)
   first = state.history[0]
   summary = dict(
-      selection_split=state.selection_split, best_round=best.round,
-      cntk_test_acc=first.scores.get('test', {}).get('acc'),
-      convrfm_test_acc=best.scores.get('test', {}).get('acc'),
-      test_acc_per_round=[r.scores.get('test', {}).get('acc') for r in state.history],
+      selection_split=state.selection_split, best_round=best.round, refit=state.refits,
+      cntk_test_acc=round_test_acc(first),
+      convrfm_test_acc=round_test_acc(best),
+      cntk_test_acc_fit_only=round_test_acc(first, fit_only=True),
+      convrfm_test_acc_fit_only=round_test_acc(best, fit_only=True),
+      test_acc_per_round=[round_test_acc(r) for r in state.history],
+      test_acc_fit_only_per_round=[round_test_acc(r, fit_only=True) for r in state.history],
       val_acc_per_round=[r.scores.get(state.selection_split, {}).get('acc')
                          for r in state.history],
       seconds_total_this_process=time.perf_counter() - start,
@@ -416,6 +468,9 @@ def run(values) -> Dict[str, Any]:
   atomic_write_json(path / 'summary.json', summary)
   msg = (f'CNTK (round 0) test accuracy {summary["cntk_test_acc"]}, ConvRFM (round '
          f'{best.round}, selected on {state.selection_split}) {summary["convrfm_test_acc"]}')
+  if state.refits:
+    msg += (f' (refit on fit + val; fit-only predictors: {summary["cntk_test_acc_fit_only"]}'
+            f' -> {summary["convrfm_test_acc_fit_only"]})')
   logging.info(msg)
   print(msg)
   return summary

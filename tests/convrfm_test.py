@@ -27,23 +27,34 @@ def _data(seed, n, size=7, channels=1):
   return x, y
 
 
-def test_round0_is_plain_cntk_ridge_regression():
+def _ntk(x1, x2=None, metric=None):
+  """Independent reference kernel: the public CNTK of CFG, untiled, as float64 numpy."""
+  x2 = None if x2 is None else jnp.asarray(x2)
+  metric = None if metric is None else jnp.asarray(metric)
+  return np.asarray(jconvrfm.conv_ntk(jnp.asarray(x1), x2, depth=2, patch_size=3,
+                                      metric=metric), np.float64)
+
+
+def _score(pred, labels):
+  return np.mean(pred.argmax(1) == labels), np.mean((pred - np.eye(3)[labels])**2)
+
+
+@pytest.mark.parametrize('refit', [True, False])
+def test_round0_is_plain_cntk_ridge_regression(refit):
   x, y = _data(0, 20)
   xt, yt = _data(1, 8)
-  state = crfm.convrfm_init(x, y, config=CFG, x_test=xt, y_test=yt)
+  state = crfm.convrfm_init(x, y, config=CFG._replace(refit=refit), x_test=xt, y_test=yt)
   state = crfm.convrfm_step(state, update_metric=False)
   rec = state.history[0]
   # Independent reference: the public CNTK on the same split, untiled, and numpy solves.
   xf, yf, xv, yv = map(np.asarray, (state.x_fit, state.y_fit, state.x_val, state.y_val))
-  k = np.asarray(jconvrfm.conv_ntk(jnp.asarray(xf), depth=2, patch_size=3))
-  kv = np.asarray(jconvrfm.conv_ntk(jnp.asarray(xv), jnp.asarray(xf), depth=2, patch_size=3))
+  k, kv, kt = _ntk(xf), _ntk(xv, xf), _ntk(xt, xf)
   scale = k.max()
   onehot = np.eye(3)[yf]
   best = None
   for lam in CFG.ridges:
     alpha = np.linalg.solve(k / scale + lam * np.eye(len(yf)), onehot)
-    pred = kv / scale @ alpha
-    acc, mse = np.mean(pred.argmax(1) == yv), np.mean((pred - np.eye(3)[yv])**2)
+    acc, mse = _score(kv / scale @ alpha, yv)
     if best is None or (acc, -mse) > best[:2]:
       best = (acc, -mse, lam, alpha)
   assert rec.ridge == best[2]
@@ -51,7 +62,91 @@ def test_round0_is_plain_cntk_ridge_regression():
   tolerances.assert_rel_fro(rec.alpha, best[3], 1e-6, 'alpha')
   assert rec.scores['val']['acc'] == best[0]
   np.testing.assert_array_equal(rec.metric, np.eye(9))
-  assert set(rec.scores) == {'train', 'val', 'test'}
+  fit_only_test = rec.scores['test_fit_only' if refit else 'test']
+  acc, mse = _score(kt / scale @ best[3], yt)
+  assert fit_only_test['acc'] == acc and fit_only_test['mse'] == pytest.approx(mse, rel=1e-6)
+  if not refit:
+    assert set(rec.scores) == {'train', 'val', 'test'} and rec.refit_alpha is None
+    return
+  # Refit: the chosen ridge on the kernel over fit + val (same scale: max of the fit block).
+  assert set(rec.scores) == {'train', 'val', 'test', 'test_fit_only'}
+  x_tr = np.concatenate([xf, xv])
+  want = np.linalg.solve(_ntk(x_tr) / scale + rec.ridge * np.eye(len(x_tr)),
+                         np.eye(3)[np.concatenate([yf, yv])])
+  assert rec.refit_alpha.shape == (20, 3) and rec.refit_jitter == 0.0
+  tolerances.assert_rel_fro(rec.refit_alpha, want, 1e-6, 'refit alpha')
+  pred = _ntk(xt, x_tr) / scale @ want
+  acc, mse = _score(pred, yt)
+  assert rec.scores['test']['acc'] == acc
+  assert rec.scores['test']['mse'] == pytest.approx(mse, rel=1e-6)
+  tolerances.assert_rel_fro(crfm.convrfm_predict(state, xt), pred, 1e-6, 'refit predictions')
+  tolerances.assert_rel_fro(crfm.convrfm_predict(state, xt, fit_only=True),
+                            kt / scale @ best[3], 1e-6, 'fit-only predictions')
+
+
+def test_refit_with_a_learned_metric_matches_a_direct_solve():
+  x, y = _data(12, 20)
+  xt, yt = _data(13, 6)
+  state = crfm.convrfm_fit(x, y, config=CFG, x_test=xt, y_test=yt)
+  x_tr = np.concatenate([np.asarray(state.x_fit), np.asarray(state.x_val)])
+  y_tr = np.concatenate([state.y_fit, state.y_val])
+  rec = state.history[1]
+  assert not np.allclose(rec.metric, np.eye(9))
+  want = np.linalg.solve(_ntk(x_tr, metric=rec.metric) / rec.kernel_scale
+                         + rec.ridge * np.eye(20), np.eye(3)[y_tr])
+  tolerances.assert_rel_fro(rec.refit_alpha, want, 1e-6, 'refit alpha (round 1)')
+  pred = _ntk(xt, x_tr, metric=rec.metric) / rec.kernel_scale @ want
+  tolerances.assert_rel_fro(crfm.convrfm_predict(state, xt, record=rec), pred, 1e-6)
+  assert rec.scores['test']['acc'] == _score(pred, yt)[0]
+  # The scale is still max K over the fit block alone.
+  assert math.isclose(rec.kernel_scale, _ntk(state.x_fit, metric=rec.metric).max(),
+                      rel_tol=1e-10)
+
+
+def test_refit_false_reproduces_the_fit_only_run():
+  x, y = _data(14, 20)
+  xt, yt = _data(15, 6)
+  on = crfm.convrfm_fit(x, y, config=CFG._replace(rounds=3), x_test=xt, y_test=yt)
+  off = crfm.convrfm_fit(x, y, config=CFG._replace(rounds=3, refit=False), x_test=xt,
+                         y_test=yt)
+  assert not off.refits and on.refits
+  for a, b in zip(on.history, off.history):
+    assert b.refit_alpha is None and a.refit_alpha is not None
+    assert a.ridge == b.ridge
+    # Only the kernel tiling differs (fit block sliced from the fit + val matrix).
+    tolerances.assert_rel_fro(a.alpha, b.alpha, 1e-10, 'alpha')
+    tolerances.assert_rel_fro(a.metric, b.metric, 1e-10, 'metric')
+    if b.next_metric is not None:
+      tolerances.assert_rel_fro(a.next_metric, b.next_metric, 1e-10, 'next metric')
+    for split in ('train', 'val'):
+      assert a.scores[split] == pytest.approx(b.scores[split], rel=1e-9)
+    assert a.scores['test_fit_only'] == pytest.approx(b.scores['test'], rel=1e-9)
+  assert crfm.best_round(on).round == crfm.best_round(off).round
+  tolerances.assert_rel_fro(crfm.convrfm_predict(off, xt),
+                            crfm.convrfm_predict(on, xt, fit_only=True), 1e-10)
+
+
+def test_validation_labels_do_not_shape_the_metric():
+  # Explicit validation images with two different labelings. With a single ridge nothing is
+  # selected, so the fit-only predictor, its AGOP and the next metric must be bitwise the
+  # same; the refit predictor, fitted on the validation labels too, must change. (With a
+  # ridge grid the labels choose the ridge, as they choose the round: that is selection.)
+  x, y = _data(16, 16)
+  xv, yv = _data(17, 6)
+  xt, yt = _data(18, 4)
+  cfg = CFG._replace(ridges=(1e-3,))
+  runs = [crfm.convrfm_step(crfm.convrfm_init(x, y, config=cfg, x_val=xv, y_val=labels,
+                                              x_test=xt, y_test=yt, num_classes=3))
+          for labels in (yv, (yv + 1) % 3)]
+  a, b = (r.history[0] for r in runs)
+  np.testing.assert_array_equal(a.alpha, b.alpha)
+  np.testing.assert_array_equal(a.agop, b.agop)
+  np.testing.assert_array_equal(a.next_metric, b.next_metric)
+  np.testing.assert_array_equal(runs[0].next_metric, runs[1].next_metric)
+  assert a.scores['test_fit_only'] == b.scores['test_fit_only']
+  assert tolerances.rel_fro(a.refit_alpha, b.refit_alpha) > 0.1
+  assert tolerances.rel_fro(crfm.convrfm_predict(runs[0], xt),
+                            crfm.convrfm_predict(runs[1], xt)) > 1e-3
 
 
 def test_metric_update_matches_generic_patch_agop():
@@ -94,6 +189,7 @@ def test_stax_kernel_gives_the_same_run_as_the_fused_cntk():
       assert a.scores[split] == pytest.approx(b.scores[split], rel=1e-4)
     tolerances.assert_rel_fro(a.metric, b.metric, 1e-4, 'metric')
     tolerances.assert_rel_fro(a.alpha, b.alpha, 1e-4, 'alpha')
+    tolerances.assert_rel_fro(a.refit_alpha, b.refit_alpha, 1e-4, 'refit alpha')
   tolerances.assert_rel_fro(fused_state.history[0].agop, stax_state.history[0].agop, 1e-4,
                             'AGOP')
 
@@ -138,7 +234,9 @@ def test_select_on_test_uses_the_test_split():
                            x_test=xt, y_test=yt)
   assert state.selection_split == 'test' and state.x_val is None
   assert state.x_fit.shape[0] == 12
+  assert state.config.refit and not state.refits   # no refit with the reference protocol
   rec = state.history[0]
+  assert rec.refit_alpha is None and 'test_fit_only' not in rec.scores
   assert max((r['test']['acc'], -r['test']['mse']) for r in rec.ridge_scores) == (
       rec.scores['test']['acc'], -rec.scores['test']['mse'])
   with pytest.raises(ValueError, match='needs `x_test`'):
@@ -151,6 +249,7 @@ def test_float32_dtype_is_kept():
   assert state.x_fit.dtype == jnp.float32
   assert state.history[1].metric.dtype == jnp.float32
   assert state.history[0].alpha.dtype == jnp.float32
+  assert state.history[0].refit_alpha.dtype == jnp.float32
 
 
 @pytest.mark.parametrize('change,match', [
@@ -165,6 +264,7 @@ def test_float32_dtype_is_kept():
     (dict(config=CFG._replace(normalize='mean')), 'normalize'),
     (dict(config=CFG._replace(padding='FULL')), 'padding'),
     (dict(config=CFG._replace(keep_fraction=0.0)), 'keep_fraction'),
+    (dict(config=CFG._replace(refit='yes')), 'config.refit'),
 ])
 def test_bad_input(change, match):
   x, y = _data(11, 12)
@@ -187,3 +287,8 @@ def test_metric_from_agop_options():
   tolerances.assert_rel_fro(m1, s @ s, 1e-10)
   with pytest.raises(ValueError, match='AGOP is zero'):
     crfm.metric_from_agop(jnp.zeros((3, 3)))
+
+
+def test_docstring_examples_run():
+  import doctest  # pylint: disable=g-import-not-at-top
+  assert doctest.testmod(crfm).failed == 0

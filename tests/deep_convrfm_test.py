@@ -71,6 +71,10 @@ def test_fit_layers_featurize_and_predict():
   pred = deep.deep_convrfm_predict(state, xt)
   acc = float(np.mean(np.asarray(pred).argmax(1) == yt))
   assert acc == crfm.best_round(state.final).scores['test']['acc']
+  # Refit by default: the final predictor has fit + val centres, the layers' metrics come from
+  # the fit-only predictors (their AGOPs are what the records keep).
+  assert all(r.refit_alpha is not None for r in state.final.history + layer.history)
+  assert state.final.history[0].refit_alpha.shape[0] == 16
 
 
 @pytest.mark.parametrize('change,match', [

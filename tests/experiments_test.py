@@ -45,11 +45,20 @@ def test_convrfm_binary_end_to_end_and_resume(tmp_path, monkeypatch):
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [l['round'] for l in lines] == [0, 1]
   for l in lines:
-    assert {'train_acc', 'val_acc', 'test_acc', 'test_mse', 'ridge', 'seconds'} <= set(l)
+    assert {'train_acc', 'val_acc', 'test_acc', 'test_mse', 'test_fit_only_acc',
+            'test_fit_only_mse', 'ridge', 'seconds'} <= set(l)
+    assert l['refit'] is True
     assert set(l['seconds']) == {'kernel', 'solve', 'agop'}
+  assert summary['refit'] is True
   assert summary['test_acc_per_round'] == [l['test_acc'] for l in lines]
+  assert summary['test_acc_fit_only_per_round'] == [l['test_fit_only_acc'] for l in lines]
+  assert summary['cntk_test_acc'] == lines[0]['test_acc']
+  assert summary['cntk_test_acc_fit_only'] == lines[0]['test_fit_only_acc']
   with np.load(workdir / 'round_0.npz') as z:
     assert z['metric'].shape == (9, 9) and 'next_metric' in z.files
+    assert bool(z['refit']) and z['refit_alpha'].shape[0] == 16 and z['alpha'].shape[0] == 12
+  with np.load(workdir / 'round_1.npz') as z:
+    refit_alpha_1 = z['refit_alpha']
 
   # Killed after round 0: only round 1 is recomputed, and it matches the first run.
   (workdir / 'round_1.npz').unlink()
@@ -59,6 +68,9 @@ def test_convrfm_binary_end_to_end_and_resume(tmp_path, monkeypatch):
   assert steps.calls == 1
   assert (workdir / 'round_0.npz').stat().st_mtime_ns == before
   assert again['test_acc_per_round'] == summary['test_acc_per_round']
+  assert again['test_acc_fit_only_per_round'] == summary['test_acc_fit_only_per_round']
+  with np.load(workdir / 'round_1.npz') as z:
+    np.testing.assert_allclose(z['refit_alpha'], refit_alpha_1, rtol=1e-5, atol=1e-6)
   assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 2
   # Finished: nothing is recomputed.
   exp.run(_values(exp.define_flags, argv))
@@ -66,6 +78,38 @@ def test_convrfm_binary_end_to_end_and_resume(tmp_path, monkeypatch):
 
   with pytest.raises(ValueError, match='different configuration'):
     exp.run(_values(exp.define_flags, argv + ['--power=1.0']))
+  with pytest.raises(ValueError, match=r"differs in \['convrfm.refit'\]"):
+    exp.run(_values(exp.define_flags, argv + ['--norefit']))
+
+
+def test_convrfm_binary_without_refit(tmp_path):
+  workdir = tmp_path / 'norefit'
+  summary = exp.run(_values(exp.define_flags, TINY + [f'--workdir={workdir}', '--norefit']))
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  for l in lines:
+    assert l['refit'] is False and 'test_fit_only_acc' not in l
+  assert summary['refit'] is False
+  assert summary['test_acc_fit_only_per_round'] == summary['test_acc_per_round']
+  with np.load(workdir / 'round_0.npz') as z:
+    assert not bool(z['refit']) and 'refit_alpha' not in z.files
+
+
+def test_convrfm_binary_refuses_a_workdir_from_before_refit(tmp_path):
+  workdir = tmp_path / 'old'
+  argv = TINY + [f'--workdir={workdir}', '--rounds=1']
+  exp.run(_values(exp.define_flags, argv))
+  config = json.loads((workdir / 'config.json').read_text())
+  # A round file of the old format (no refit fields) is refused, not silently misread.
+  with np.load(workdir / 'round_0.npz') as z:
+    old = {k: z[k] for k in z.files if k not in ('refit', 'refit_alpha', 'refit_jitter')}
+  np.savez(workdir / 'round_0.npz', **old)
+  with pytest.raises(ValueError, match='older version without the refit fields'):
+    exp.run(_values(exp.define_flags, argv))
+  # So is a config.json without the refit setting.
+  del config['convrfm']['refit']
+  (workdir / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match='lacks .*convrfm.refit.*older version'):
+    exp.run(_values(exp.define_flags, argv))
 
 
 @pytest.mark.parametrize('argv,match', [
@@ -122,3 +166,7 @@ def test_deep_convrfm_binary_end_to_end_and_resume(tmp_path, monkeypatch):
   again = deep_exp.run(_values(deep_exp.define_flags, argv))
   assert steps.calls == 1
   assert again['deep_convrfm_test_acc'] == summary['deep_convrfm_test_acc']
+  assert summary['refit'] is True
+  assert summary['cntk_test_acc'] == lines[0]['test_acc']
+  assert summary['cntk_test_acc_fit_only'] == lines[0]['test_fit_only_acc']
+  assert again['deep_convrfm_test_acc_fit_only'] == summary['deep_convrfm_test_acc_fit_only']

@@ -8,8 +8,13 @@ One round `t` (Beaglehole et al., Algorithm 1):
    ridge, and later the best round, are chosen on a *validation split carved from the
    training data* (`val_fraction`, seeded). The reference protocol (select on the test set)
    is available only as `select_on_test=True`, which is logged as a warning;
-3. the patch AGOP `G` of the chosen predictor over `agop_samples` training images (default:
-   all of them, chunked), w.r.t. the untransformed patches (`predictor_agop.py`);
+2b. refit (`refit=True`, default, as scikit-learn's `GridSearchCV(refit=True)`): the chosen
+   ridge is solved again on the kernel over fit + validation images (same metric, same
+   scale); this predictor gives the round's test scores and `convrfm_predict`. The fit-only
+   predictor is kept (its test scores as `'test_fit_only'`);
+3. the patch AGOP `G` of the chosen *fit-only* predictor over `agop_samples` fit images
+   (default: all of them, chunked), w.r.t. the untransformed patches (`predictor_agop.py`);
+   the validation labels never enter the metric, so selecting rounds on them stays fair;
 4. `S = G^power` (negative eigenvalues clipped), keep the top `keep_fraction` of its spectrum,
    normalise to unit Frobenius norm; `M_{t+1} = S^2` (power 1/2: `M` proportional to `G`).
 
@@ -65,6 +70,9 @@ class ConvRFMConfig(NamedTuple):
     val_fraction: fraction of the training data carved off (seeded) for selection when no
       `x_val` is given.
     select_on_test: the reference protocol: choose ridge and round on the test set (logged).
+    refit: after choosing the ridge on the validation split, solve it again on fit +
+      validation images and report/predict with that predictor (the metric still comes from
+      the fit-only predictor). Ignored (no refit) with `select_on_test`.
     seed: seed of the validation split and of the AGOP sample subset.
     kernel_block_size: tile side for kernel matrices (None: the tiler's default).
     agop_block_elements: memory bound of one AGOP block (see `predictor_agop`).
@@ -82,6 +90,7 @@ class ConvRFMConfig(NamedTuple):
   dtype: str = 'float32'
   val_fraction: float = 0.2
   select_on_test: bool = False
+  refit: bool = True
   seed: int = 0
   kernel_block_size: Optional[int] = None
   agop_block_elements: int = predictor_agop.DEFAULT_BLOCK_ELEMENTS
@@ -95,14 +104,22 @@ class RoundRecord(NamedTuple):
     metric: `(d, d)` patch metric `M_t` the kernels used.
     ridge: chosen ridge.
     jitter: Cholesky jitter added beyond the chosen ridge (0.0 if none).
-    alpha: `(n_fit, classes)` coefficients for the normalised kernel.
-    kernel_scale: the divisor of the kernel matrices (`max K_train`, or 1.0).
-    scores: `{split: {'acc': ..., 'mse': ...}}` for the chosen ridge ('train', 'val', 'test'
-      where present).
-    ridge_scores: one `{'ridge', 'jitter', split: {...}}` dict per ridge of the grid.
-    seconds: `{'kernel', 'solve', 'agop'}` wall-clock seconds.
+    alpha: `(n_fit, classes)` coefficients of the fit-only predictor for the normalised
+      kernel (centres `x_fit`); its AGOP gives `next_metric`.
+    kernel_scale: the divisor of the kernel matrices (`max K(x_fit, x_fit)`, or 1.0), shared
+      by the fit-only and the refit predictor.
+    scores: `{split: {'acc': ..., 'mse': ...}}` for the chosen ridge. 'train' (on `x_fit`)
+      and 'val' are the fit-only predictor's; 'test' is the refit predictor's when there is
+      one, with the fit-only predictor's test scores under 'test_fit_only', else the
+      fit-only predictor's.
+    ridge_scores: one `{'ridge', 'jitter', split: {...}}` dict per ridge of the grid (fit-only
+      predictors).
+    seconds: `{'kernel', 'solve', 'agop'}` wall-clock seconds ('solve' includes the refit).
     next_metric: `(d, d)` `M_{t+1}` from this round's AGOP, or None if no update was made.
-    agop: `(d, d)` AGOP `G` of this round's predictor, or None.
+    agop: `(d, d)` AGOP `G` of this round's fit-only predictor, or None.
+    refit_alpha: `(n_fit + n_val, classes)` coefficients of the refit predictor for the
+      normalised kernel (centres `concat(x_fit, x_val)`), or None (no refit).
+    refit_jitter: Cholesky jitter of the refit solve beyond the chosen ridge (0.0 if none).
   """
   round: int
   metric: jax.Array
@@ -115,6 +132,8 @@ class RoundRecord(NamedTuple):
   seconds: Dict[str, float]
   next_metric: Optional[jax.Array]
   agop: Optional[jax.Array]
+  refit_alpha: Optional[jax.Array] = None
+  refit_jitter: float = 0.0
 
 
 class ConvRFMState(NamedTuple):
@@ -124,7 +143,8 @@ class ConvRFMState(NamedTuple):
     config: the `ConvRFMConfig`.
     x_fit: `(n_fit, H, W, C)` images the ridge regression is fitted on (config dtype).
     y_fit: `(n_fit,)` int labels.
-    x_val, y_val: selection split (None when `select_on_test`).
+    x_val, y_val: selection split (None when `select_on_test`); with `config.refit` also
+      part of the refit predictor's centres.
     x_test, y_test: optional test split (None if not given).
     num_classes: number of classes (one-hot width).
     history: tuple of `RoundRecord`, one per finished round.
@@ -146,6 +166,12 @@ class ConvRFMState(NamedTuple):
   @property
   def selection_split(self) -> str:
     return 'test' if self.config.select_on_test else 'val'
+
+  @property
+  def refits(self) -> bool:
+    """Whether rounds refit the chosen ridge on fit + validation images."""
+    return (bool(self.config.refit) and not self.config.select_on_test
+            and self.x_val is not None)
 
   @property
   def done(self) -> bool:
@@ -254,10 +280,12 @@ def check_config(config: ConvRFMConfig) -> ConvRFMConfig:
     raise ValueError(f'`config.keep_fraction` must lie in (0, 1], got {config.keep_fraction}.')
   if config.dtype not in ('float32', 'float64'):
     raise ValueError(f'`config.dtype` must be "float32" or "float64", got {config.dtype!r}.')
+  if not isinstance(config.refit, (bool, np.bool_)):
+    raise ValueError(f'`config.refit` must be a bool, got {config.refit!r}.')
   if not 0 <= config.val_fraction < 1:
     raise ValueError(f'`config.val_fraction` must lie in [0, 1), got {config.val_fraction}.')
   checks.check_positive_int(config.agop_block_elements, 'config.agop_block_elements')
-  return config._replace(ridges=ridges)
+  return config._replace(ridges=ridges, refit=bool(config.refit))
 
 
 def _check_split(x, y, name, dtype, num_classes=None, shape=None):
@@ -413,6 +441,12 @@ def convrfm_step(state: ConvRFMState,
                  progress: Optional[Callable[[str, int, int], None]] = None) -> ConvRFMState:
   """Runs one ConvRFM round and returns the state with its `RoundRecord` appended.
 
+  Kernel matrices: without refit, `K(x_fit, x_fit)` and `K(concat(x_val, x_test), x_fit)`;
+  with refit (`state.refits`), `K(x_tr, x_tr)` and `K(x_test, x_tr)` for
+  `x_tr = concat(x_fit, x_val)`, whose fit columns serve the ridge choice. Both predictors
+  are normalised by `max K(x_fit, x_fit)`, so round 0 is plain CNTK ridge regression on the
+  fit images.
+
   Args:
     state: from `convrfm_init` or a previous step (`state.done` must be False).
     update_metric: compute the AGOP and `next_metric` (default: unless this is the last
@@ -432,61 +466,93 @@ def convrfm_step(state: ConvRFMState,
   identity = t == 0 or bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
   kfn = _kernel_fn(state, None if identity else metric)
 
-  # Kernel matrices: (fit, fit) and (val + test, fit) in one tiled pass each.
-  evals = [(name, x, y) for name, x, y in (('val', state.x_val, state.y_val),
-                                          ('test', state.x_test, state.y_test)) if x is not None]
+  # Kernel matrices. Without refit: (fit, fit) and (val + test, fit), one tiled pass each.
+  # With refit: (fit + val, fit + val) (upper tiles only) and (test, fit + val); the fit-only
+  # blocks used for the ridge choice are sliced out of them.
+  refit = state.refits
+  n_fit = state.x_fit.shape[0]
+  x_train = jnp.concatenate([state.x_fit, state.x_val]) if refit else state.x_fit
   start = time.perf_counter()
-  k_fit = _tiled(kfn, state.x_fit, None, cfg.kernel_block_size, 'training', progress)
+  k_train = _tiled(kfn, x_train, None, cfg.kernel_block_size, 'training', progress)
   if state.stax_kernel_fn is None:
     # Exact diagonal K(x, x) (angle exactly 0 at every layer), as `conv_ntk(x)` gives it; the
     # tiles compute it through the arccos kink at cos t = 1 (~1e-4 relative in float32).
-    diag = fused.fused_self_kernel(state.x_fit, None if identity else metric, cfg.depth,
+    diag = fused.fused_self_kernel(x_train, None if identity else metric, cfg.depth,
                                    cfg.patch_size, checks.canonical_padding(cfg.padding),
                                    fused.canonical_kind(cfg.kind))
-    k_fit = k_fit.at[jnp.arange(k_fit.shape[0]), jnp.arange(k_fit.shape[0])].set(diag)
-  k_eval = None
-  if evals:
-    x_eval = jnp.concatenate([x for _, x, _ in evals])
-    k_eval = _tiled(kfn, x_eval, state.x_fit, cfg.kernel_block_size, 'evaluation', progress)
-  jax.block_until_ready((k_fit, k_eval))
+    n_train = k_train.shape[0]
+    k_train = k_train.at[jnp.arange(n_train), jnp.arange(n_train)].set(diag)
+  k_fit = k_train[:n_fit, :n_fit] if refit else k_train
+  k_evals = {}     # split -> (n_split, n_fit) kernel against the fit images
+  k_test_train = None   # (n_test, n_fit + n_val), refit only
+  if refit:
+    k_evals['val'] = k_train[n_fit:, :n_fit]
+    if state.x_test is not None:
+      k_test_train = _tiled(kfn, state.x_test, x_train, cfg.kernel_block_size, 'evaluation',
+                            progress)
+      k_evals['test'] = k_test_train[:, :n_fit]
+  else:
+    evals = [(name, x) for name, x in (('val', state.x_val), ('test', state.x_test))
+             if x is not None]
+    if evals:
+      x_eval = jnp.concatenate([x for _, x in evals])
+      k_eval = _tiled(kfn, x_eval, state.x_fit, cfg.kernel_block_size, 'evaluation', progress)
+      offset = 0
+      for name, x in evals:
+        k_evals[name] = k_eval[offset:offset + x.shape[0]]
+        offset += x.shape[0]
+  jax.block_until_ready((k_train, k_evals, k_test_train))
   t_kernel = time.perf_counter() - start
   scale = float(jnp.max(k_fit)) if cfg.normalize == 'max' else 1.0
   if not scale > 0:
     raise ValueError(f'max K_train = {scale} is not positive; cannot normalise the kernel.')
-  k_fit = k_fit / scale
-  if k_eval is not None:
-    k_eval = k_eval / scale
+  k_train = k_train / scale
+  k_fit = k_train[:n_fit, :n_fit] if refit else k_train
+  k_evals = {name: k / scale for name, k in k_evals.items()}
+  if k_test_train is not None:
+    k_test_train = k_test_train / scale
 
-  # Ridge grid, selection on the selection split.
+  # Ridge grid on the fit images, selection on the selection split.
   start = time.perf_counter()
-  y_onehot = jnp.eye(state.num_classes, dtype=k_fit.dtype)[state.y_fit]
+  labels = {'val': state.y_val, 'test': state.y_test}
+  onehot = jnp.eye(state.num_classes, dtype=k_fit.dtype)
   sel = state.selection_split
   table, best = [], None
   for lam in cfg.ridges:
-    sol = ridge_lib.ridge_solve(k_fit, y_onehot, lam)
+    sol = ridge_lib.ridge_solve(k_fit, onehot[state.y_fit], lam)
     if sol.jitter > 0:
       logging.info('ConvRFM round %d: ridge %g needed Cholesky jitter %.3g.', t, lam,
                    sol.jitter)
     row = {'ridge': lam, 'jitter': sol.jitter,
            'train': _scores(k_fit @ sol.alpha, state.y_fit, state.num_classes)}
-    offset = 0
-    for name, x, y in evals:
-      pred = k_eval[offset:offset + x.shape[0]] @ sol.alpha
-      row[name] = _scores(pred, y, state.num_classes)
-      offset += x.shape[0]
+    for name, k in k_evals.items():
+      row[name] = _scores(k @ sol.alpha, labels[name], state.num_classes)
     table.append(row)
     if best is None or _better(row[sel], best[0][sel]):
       best = (row, sol)
-  t_solve = time.perf_counter() - start
   row, sol = best
   scores = {k: v for k, v in row.items() if k in ('train', 'val', 'test')}
 
-  # AGOP of the chosen predictor and the next metric.
+  # Refit: the chosen ridge on fit + validation images, same metric and scale.
+  refit_sol = None
+  if refit:
+    y_train = np.concatenate([state.y_fit, state.y_val])
+    refit_sol = ridge_lib.ridge_solve(k_train, onehot[y_train], row['ridge'])
+    if refit_sol.jitter > 0:
+      logging.info('ConvRFM round %d: refit with ridge %g needed Cholesky jitter %.3g.', t,
+                   row['ridge'], refit_sol.jitter)
+    if k_test_train is not None:
+      scores['test_fit_only'] = scores['test']
+      scores['test'] = _scores(k_test_train @ refit_sol.alpha, state.y_test,
+                               state.num_classes)
+  t_solve = time.perf_counter() - start
+
+  # AGOP of the chosen fit-only predictor (never the refit one: the validation labels must
+  # not shape the metric) and the next metric.
   if update_metric is None:
     update_metric = t + 1 < cfg.rounds
   agop, next_metric, t_agop = None, None, 0.0
   if update_metric:
-    n_fit = state.x_fit.shape[0]
     s = n_fit if cfg.agop_samples is None else min(cfg.agop_samples, n_fit)
     idx = np.sort(np.random.default_rng(cfg.seed + 1 + t).permutation(n_fit)[:s])
     cb = None
@@ -507,7 +573,9 @@ def convrfm_step(state: ConvRFMState,
       round=t, metric=metric, ridge=row['ridge'], jitter=row['jitter'], alpha=sol.alpha,
       kernel_scale=scale, scores=scores, ridge_scores=tuple(table),
       seconds={'kernel': t_kernel, 'solve': t_solve, 'agop': t_agop},
-      next_metric=next_metric, agop=agop)
+      next_metric=next_metric, agop=agop,
+      refit_alpha=None if refit_sol is None else refit_sol.alpha,
+      refit_jitter=0.0 if refit_sol is None else refit_sol.jitter)
   logging.info('ConvRFM round %d: ridge %g, %s; kernel %.1fs, solve %.1fs, AGOP %.1fs.', t,
                record.ridge, ', '.join(f'{k} acc {v["acc"]:.4f}' for k, v in scores.items()),
                t_kernel, t_solve, t_agop)
@@ -570,16 +638,25 @@ def convrfm_fit(x_train: jax.Array,
 
 
 def convrfm_predict(state: ConvRFMState, x: jax.Array,
-                    record: Optional[RoundRecord] = None) -> jax.Array:
+                    record: Optional[RoundRecord] = None, *,
+                    fit_only: bool = False) -> jax.Array:
   """Predictions `(n, classes)` of the selected round (or of `record`) on images `x`.
+
+  The round's refit predictor (centres `concat(x_fit, x_val)`, `record.refit_alpha`) when it
+  has one, else its fit-only predictor (centres `x_fit`, `record.alpha`).
 
   Args:
     state: a state with at least one finished round.
     x: `(n, H, W, C)` NHWC images shaped like the training images (cast to `config.dtype`).
     record: a specific round of `state.history` (default: `best_round(state)`).
+    fit_only: use the fit-only predictor even if the round has a refit one.
 
   Returns:
-    `(n, classes)` real-valued outputs `K(x, X_fit) alpha / scale`, dtype `config.dtype`.
+    `(n, classes)` real-valued outputs `K(x, centres) alpha / scale`, dtype `config.dtype`.
+
+  Raises:
+    ValueError: bad images, or a refit record whose coefficients do not match the state's
+      fit + validation images.
   """
   rec = best_round(state) if record is None else record
   x = checks.check_nhwc(x, 'x')
@@ -587,9 +664,19 @@ def convrfm_predict(state: ConvRFMState, x: jax.Array,
     raise ValueError(f'`x` images must have shape {tuple(state.x_fit.shape[1:])} like the '
                      f'training images, got {tuple(x.shape[1:])}.')
   x = x.astype(state.config.dtype)
+  if rec.refit_alpha is not None and not fit_only:
+    if state.x_val is None:
+      raise ValueError('`record` has refit coefficients but `state` has no validation images '
+                       '(`state.x_val` is None).')
+    centres = jnp.concatenate([state.x_fit, state.x_val])
+    alpha = rec.refit_alpha
+  else:
+    centres, alpha = state.x_fit, rec.alpha
+  if alpha.shape[0] != centres.shape[0]:
+    raise ValueError(f'`record` has {alpha.shape[0]} coefficients per class but the state has '
+                     f'{centres.shape[0]} centre images.')
   metric = rec.metric
   identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
   kfn = _kernel_fn(state, None if identity else metric)
-  k = _tiled(kfn, x, state.x_fit, state.config.kernel_block_size, 'prediction')
-  return (k / rec.kernel_scale) @ rec.alpha
-
+  k = _tiled(kfn, x, centres, state.config.kernel_block_size, 'prediction')
+  return (k / rec.kernel_scale) @ alpha

@@ -11,8 +11,12 @@ Layer `l = 0, 1, ..., layers - 1` (Beaglehole et al., Section 5 / the reference 
    optionally followed by a nonlinearity (default none: the next kernel's ReLU supplies it).
 
 After the last featurisation a final ConvRFM with a CNTK of `depth - layers` layers is fitted
-on the learned features. The state keeps every layer's metric, filters and feature-map shape,
-and `deep_featurize(state, x)` applies the learned layers to new images.
+on the learned features. With `convrfm.refit` (default) every ConvRFM refits its chosen ridge
+on fit + validation features: for the learned layers this changes only the reported test
+scores (the metric `M`, hence the filters, comes from the fit-only predictor); the final
+ConvRFM's refit predictor is what `deep_convrfm_predict` uses. The state keeps every layer's
+metric, filters and feature-map shape, and `deep_featurize(state, x)` applies the learned
+layers to new images.
 
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
