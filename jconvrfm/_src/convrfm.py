@@ -183,12 +183,10 @@ class ConvRFMState(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def _gram_kernel(depth: int, q: int, padding: checks.Padding, channels: int,
-                 kind: fused.Kind) -> predictor_agop.GramKernelFn:
-  """One function object per configuration, so jitted AGOP blocks compile once."""
-  return functools.partial(fused.conv_kernel_from_grams, depth=depth, patch_size=q,
-                           padding=padding, channels=channels, kind=kind)
+                 kind: fused.Kind) -> fused.GramConvKernel:
+  """The fused CNTK of Grams (hashable, so jitted AGOP blocks compile once per setting)."""
+  return fused.GramConvKernel(depth, q, padding, channels, kind)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,6 +235,12 @@ def _v_from_grams(kernel_from_grams: GramKernelFn, px: jax.Array, mpx: jax.Array
 # Pairs times positions per tile of the hand-written reverse pass (its intermediates are about
 # 20 arrays of this size; 2^20 float32 elements keep them in a 2-core CPU's L2 + L3).
 _HAND_TILE_ELEMENTS = 1 << 20
+# Block side of the symmetric path (block pairs I <= J): smaller blocks skip more of the
+# redundant half but shrink the contraction matmuls.
+_SYMMETRIC_BLOCK = 200
+# The symmetric path keeps `v`'s parts for all samples; above this many numbers (1 GiB in
+# float32) the one-directional path, which keeps one sample block at a time, is used.
+_SYMMETRIC_MAX_ELEMENTS = 1 << 28
 
 
 def _hand_tile_cols(b: int, m: int, positions: int) -> int:
@@ -289,6 +295,102 @@ def _v_hand_written(kernel, tile_cols: int, px: jax.Array, mpx: jax.Array, sqx: 
   return u_acc + u, coef_acc + coef
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(11, 12, 13, 14))
+def _symmetric_pair(kernel, tile_cols: int, diagonal: bool, px_i: jax.Array, mpx_i: jax.Array,
+                    sqx_i: jax.Array, alpha_i: jax.Array, px_j: jax.Array, mpx_j: jax.Array,
+                    sqx_j: jax.Array, alpha_j: jax.Array, u_i: jax.Array, coef_i: jax.Array,
+                    u_j: jax.Array, coef_j: jax.Array):
+  """Both directions of one block pair `(I, J)` of training images that are also samples.
+
+  One reverse pass over the pairs gives `A = dK/dgram` (shared by the two directions, the
+  Gram being symmetric) and the self-Gram gradients of both sides, so block `J` gets its
+  samples' contributions from training block `I` and, unless `diagonal`, block `I` gets them
+  from `J`. On the diagonal, coinciding pairs get Gram entries exactly equal to the squared
+  norms (as `_v_from_grams` does for `z_indices`).
+  """
+  m, h, w, d = px_i.shape
+  b = px_j.shape[0]
+  classes = alpha_i.shape[1]
+  mpx_t = jnp.transpose(mpx_i, (1, 2, 3, 0))               # (H, W, d, m)
+  sqx_t = jnp.transpose(sqx_i, (1, 2, 0))                  # (H, W, m)
+  pz_t = jnp.transpose(px_j, (1, 2, 0, 3))                 # (H, W, b, d)
+  sqz_t = jnp.transpose(sqx_j, (1, 2, 0))                  # (H, W, b)
+  eye = jnp.arange(b)[:, None] == jnp.arange(m)[None, :]   # (b, m), used when diagonal
+
+  def body(t, bufs):
+    buf_a, buf_bz, buf_bx = bufs
+    start = t * tile_cols
+    pz_s = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
+    sqz_s = jax.lax.dynamic_slice_in_dim(sqz_t, start, tile_cols, axis=2)
+    gram = jnp.matmul(pz_s, mpx_t)                         # (H, W, bt, m)
+    if diagonal:
+      same = jax.lax.dynamic_slice_in_dim(eye, start, tile_cols, axis=0)
+      gram = jnp.where(same, sqz_s[..., None], gram)
+    _, a, bz, bx = kernel.grads_spatial_leading(gram, sqz_s, sqx_t)
+    buf_a = jax.lax.dynamic_update_slice_in_dim(buf_a, a, start, axis=2)
+    buf_bz = jax.lax.dynamic_update_slice_in_dim(buf_bz, bz, start, axis=2)
+    buf_bx = jax.lax.dynamic_update_slice_in_dim(buf_bx, bx, start, axis=2)
+    return buf_a, buf_bz, buf_bx
+
+  zeros = jnp.zeros((h, w, b, m), px_i.dtype)
+  buf_a, buf_bz, buf_bx = jax.lax.fori_loop(0, b // tile_cols, body, (zeros, zeros, zeros))
+
+  def weighted_t(px, alpha):                               # (H, W, n, classes * d)
+    wt = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
+        px.shape[0], h, w, classes * d)
+    return jnp.transpose(wt, (1, 2, 0, 3))
+
+  u_j = u_j + jnp.matmul(buf_a, weighted_t(px_i, alpha_i))
+  coef_j = coef_j + jnp.matmul(buf_bz, alpha_i)
+  if not diagonal:
+    u_i = u_i + jnp.einsum('hwba,hwbk->hwak', buf_a, weighted_t(px_j, alpha_j))
+    coef_i = coef_i + jnp.einsum('hwba,bc->hwac', buf_bx, alpha_j)
+  return u_i, coef_i, u_j, coef_j
+
+
+def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> jax.Array:
+  """`sum_{z, c, p} v v^T` over ALL training images as samples, each pair evaluated once.
+
+  Pairs `(x_i, x_j)` and `(x_j, x_i)` share their Grams and (the kernel being symmetric)
+  their reverse pass, so only block pairs `I <= J` are computed: about half the kernel work
+  of the one-directional path. Holds `v`'s two parts for all samples (`n * H' * W' *
+  classes * (d + 1)` numbers).
+  """
+  n, h, w, d = px.shape
+  classes = alpha.shape[1]
+  block = _balanced(n, block)
+  n_pad = -(-n // block) * block
+  px, mpx, sqx, alpha = (_pad_axis0(a, n_pad) for a in (px, mpx, sqx, alpha))
+  nb = n_pad // block
+  sl = [slice(k * block, (k + 1) * block) for k in range(nb)]
+  u = [jnp.zeros((h, w, block, classes * d), px.dtype) for _ in range(nb)]
+  coef = [jnp.zeros((h, w, block, classes), px.dtype) for _ in range(nb)]
+  tile_cols = _hand_tile_cols(block, block, h * w)
+  pairs = [(i, j) for j in range(nb) for i in range(j + 1)]
+  reported = 0
+  for k, (i, j) in enumerate(pairs):
+    if i == j:
+      # Donated buffers must be distinct: the diagonal updates only block j.
+      _, _, u[j], coef[j] = _symmetric_pair(
+          kernel, tile_cols, True, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
+          px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]],
+          jnp.zeros((), px.dtype), jnp.zeros((), px.dtype), u[j], coef[j])
+    else:
+      u[i], coef[i], u[j], coef[j] = _symmetric_pair(
+          kernel, tile_cols, False, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
+          px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]], u[i], coef[i], u[j], coef[j])
+    if progress is not None:
+      done = (n * (k + 1)) // len(pairs)
+      if done > reported:
+        progress(done - reported)
+        reported = done
+  acc = jnp.zeros((d, d), px.dtype)
+  for k in range(nb):
+    valid = jnp.asarray(np.arange(k * block, (k + 1) * block) < n)
+    acc = acc + _masked_outer_sum(u[k], coef[k], px[sl[k]], valid)
+  return acc
+
+
 @jax.jit
 def _outer_sum(v):
   v = v.reshape(-1, v.shape[-1])
@@ -324,7 +426,8 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                               train_block: Optional[int] = None,
                               z_block: Optional[int] = None,
                               block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-                              progress: Optional[Callable[[int], None]] = None) -> jax.Array:
+                              progress: Optional[Callable[[int], None]] = None,
+                              symmetric: bool = True) -> jax.Array:
   """Patch AGOP of `f_c(z) = sum_i alpha_ic K(x_i, z)` for a Gram-based conv kernel, fast.
 
   Args:
@@ -350,6 +453,10 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
     block_elements: bound on `train_block * z_block * H' * W'`, the size of one Gram block
       (the backward pass holds a few tens of arrays this size).
     progress: optional callable called with the number of sample images finished per block.
+    symmetric: when the samples are all training images (`z_indices` a permutation of
+      `range(n)`) and the kernel has a hand-written reverse pass (`GramConvKernel`), evaluate
+      each unordered pair of images once (about half the work; `train_block` then sets the
+      block side). False forces the one-directional path (the tests compare the two).
 
   Returns:
     `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
@@ -395,6 +502,12 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   idx = np.concatenate([idx, np.full(s_pad - s, -1)])
   tile_cols = _hand_tile_cols(zb, tb, h * w)
   acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
+  if (hand_written and symmetric and z_indices is not None and s == n and
+      np.array_equal(np.sort(idx[:s]), np.arange(n)) and
+      n * h * w * classes * (d + 1) <= _SYMMETRIC_MAX_ELEMENTS):
+    acc = _symmetric_agop_sum(kernel_from_grams, px[:n], mpx[:n], sqx[:n], alpha[:n],
+                              train_block or _SYMMETRIC_BLOCK, progress)
+    return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (fused path)')
   for z0 in range(0, s_pad, zb):
     pz, sqz, zidx = pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb], idx[z0:z0 + zb]
     u = jnp.zeros((h, w, zb, classes * d), x_train.dtype)
