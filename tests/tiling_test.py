@@ -124,6 +124,34 @@ def test_compiles_once_for_padded_tiles():
   assert len(traces) == 2  # No new trace: the shape check and the tile program are cached.
 
 
+def _scaled_rbf(a, b, scale):
+  return scale * rbf(a, b)
+
+
+_TRACES = []
+
+
+def _counted_scaled_rbf(a, b, scale):
+  _TRACES.append((a.shape, b.shape))
+  return _scaled_rbf(a, b, scale)
+
+
+@pytest.mark.parametrize('block', [None, 4])
+def test_kernel_args_are_traced_not_recompiled(block):
+  """New values of `kernel_args` reuse the tile program and equal a closure over them."""
+  x1, x2 = _data(11, 2), _data(6, 3)
+  _TRACES.clear()
+  for scale in (0.5, 2.0, 3.0):
+    got = kernel_matrix(_counted_scaled_rbf, x1, x2, block_size=block,
+                        kernel_args=(np.float64(scale),))
+    np.testing.assert_allclose(got, scale * rbf_reference(x1, x2), rtol=1e-12)
+  first = len(_TRACES)
+  kernel_matrix(_counted_scaled_rbf, x1, x2, block_size=block, kernel_args=(np.float64(7.0),))
+  assert len(_TRACES) == first   # no retrace for a new value
+  sym = kernel_matrix(_scaled_rbf, x1, block_size=block, kernel_args=(np.float64(2.0),))
+  np.testing.assert_allclose(sym, 2.0 * rbf_reference(x1, x1), rtol=1e-12)
+
+
 def test_choose_block_shape_fits_budget():
   kw = dict(bytes_per_entry=40.0, row_bytes1=100.0, row_bytes2=100.0)
   for budget in (1e3, 5e4, 3e6):

@@ -206,18 +206,36 @@ def _blocks(p, q):
   return p.reshape(n, h, w, q, q, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * q, w * q, c)
 
 
-def _tiled(kernel_fn, x1, x2, block_size, what, progress=None):
+def _tiled(kernel, x1, x2, block_size, what, progress=None):
+  """`kernel` is `(kernel_fn, kernel_args)` as `_kernel_fn` returns it."""
   from jconvrfm._src import tiling  # pylint: disable=g-import-not-at-top
+  kernel_fn, kernel_args = kernel
   cb = None if progress is None else (lambda done, total: progress(what, done, total))
-  k = tiling.kernel_matrix(kernel_fn, x1, x2, block_size=block_size, progress=cb)
+  k = tiling.kernel_matrix(kernel_fn, x1, x2, block_size=block_size, progress=cb,
+                           kernel_args=kernel_args)
   k = jnp.asarray(k)
   if not bool(jnp.all(jnp.isfinite(k))):
     raise ValueError(f'The {what} kernel matrix has NaN or Inf entries.')
   return k
 
 
+@dataclasses.dataclass(frozen=True)
+class _FusedTile:
+  """`(x1 block, x2 block, metric) -> (b1, b2)` fused CNTK; hashable, so every round (a new
+  metric, passed as a traced argument) reuses one compiled tile program."""
+  depth: int
+  patch_size: int
+  padding: checks.Padding
+  kind: fused.Kind
+
+  def __call__(self, a, b, metric):
+    return fused.fused_conv_kernel(a, b, metric, self.depth, self.patch_size, self.padding,
+                                   self.kind)
+
+
 def _kernel_fn(state: ConvRFMState, metric: Optional[jax.Array]):
-  """`(x1 block, x2 block) -> (b1, b2)` for this state's kernel with patch metric `metric`."""
+  """`(kernel_fn, kernel_args)`: `kernel_fn(x1 block, x2 block, *kernel_args) -> (b1, b2)` for
+  this state's kernel with patch metric `metric` (None: the identity)."""
   cfg = state.config
   pad = checks.canonical_padding(cfg.padding)
   kind = fused.canonical_kind(cfg.kind)
@@ -229,9 +247,8 @@ def _kernel_fn(state: ConvRFMState, metric: Optional[jax.Array]):
       p = patches_lib.patches(x, cfg.patch_size, padding=pad)
       return p if root is None else p @ root
 
-    return lambda a, b: on_patches(transformed(a), transformed(b))
-  return lambda a, b: fused.fused_conv_kernel(a, b, metric, cfg.depth, cfg.patch_size, pad,
-                                              kind)
+    return (lambda a, b: on_patches(transformed(a), transformed(b))), ()
+  return _FusedTile(cfg.depth, cfg.patch_size, pad, kind), (metric,)
 
 
 def _predictor_agop(state: ConvRFMState, alpha, z_indices, metric, progress=None):

@@ -12,7 +12,7 @@ diagonal are computed; the others are their transposes.
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,8 @@ def plan_tiles(n1: int, n2: int, block_shape: Tuple[int, int], symmetric: bool) 
                   symmetric)
 
 
-def estimate_bytes_per_entry(kernel_fn: KernelFn, x1, x2, probe: int = PROBE_BLOCK) -> float:
+def estimate_bytes_per_entry(kernel_fn: KernelFn, x1, x2, probe: int = PROBE_BLOCK,
+                             kernel_args: Sequence[Any] = ()) -> float:
   """Working memory per kernel entry, from the compiled memory of one `probe x probe` block.
 
   Compiles `kernel_fn` for a `(p1, p2)` block (`p = min(probe, n)`) and divides its temporary
@@ -81,6 +82,7 @@ def estimate_bytes_per_entry(kernel_fn: KernelFn, x1, x2, probe: int = PROBE_BLO
     x1: `(n1, ...)` array (only its shape and dtype are used).
     x2: `(n2, ...)` array (only its shape and dtype are used).
     probe: side of the probe block.
+    kernel_args: extra arguments of `kernel_fn` after the two blocks (as in `kernel_matrix`).
 
   Returns:
     Estimated bytes per entry (float, at least the output itemsize).
@@ -88,10 +90,11 @@ def estimate_bytes_per_entry(kernel_fn: KernelFn, x1, x2, probe: int = PROBE_BLO
   p1, p2 = min(probe, x1.shape[0]), min(probe, x2.shape[0])
   a = jax.ShapeDtypeStruct((p1,) + tuple(x1.shape[1:]), x1.dtype)
   b = jax.ShapeDtypeStruct((p2,) + tuple(x2.shape[1:]), x2.dtype)
-  out = jax.eval_shape(kernel_fn, a, b)
+  extra = tuple(kernel_args)
+  out = jax.eval_shape(kernel_fn, a, b, *extra)
   itemsize = np.dtype(out.dtype).itemsize
   try:
-    stats = jax.jit(kernel_fn).lower(a, b).compile().memory_analysis()
+    stats = jax.jit(kernel_fn).lower(a, b, *extra).compile().memory_analysis()
     measured = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / (p1 * p2)
   except Exception:  # pylint: disable=broad-except
     # No memory analysis on this backend (or kernel_fn cannot be jitted alone).
@@ -143,15 +146,38 @@ def choose_block_shape(n1: int, n2: int, *, budget_bytes: float, bytes_per_entry
 
 @functools.lru_cache(maxsize=64)
 def _tile_program(kernel_fn: KernelFn, mesh: Mesh) -> Callable:
-  """jit(shard_map): `(D, b1, ...), (D, b2, ...)` tiles laid along 'tiles' -> `(D, b1, b2)`."""
+  """jit(shard_map): `(D, b1, ...), (D, b2, ...)` tiles laid along 'tiles' -> `(D, b1, b2)`.
 
-  def per_device(a, b):
+  The extra kernel arguments (a tuple pytree) are replicated on every device.
+  """
+
+  def per_device(a, b, args):
     # Each device holds exactly one tile: a (1, b1, ...), b (1, b2, ...).
-    return kernel_fn(a[0], b[0])[None]
+    return kernel_fn(a[0], b[0], *args)[None]
 
   spec = P('tiles')
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-                               check_vma=False))
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()),
+                               out_specs=spec, check_vma=False))
+
+
+def _cached_bytes_per_entry(kernel_fn, x1, x2, kernel_args) -> float:
+  """`estimate_bytes_per_entry`, memoised per hashable `kernel_fn` and argument shapes."""
+  shapes = lambda t: tuple((tuple(np.shape(v)), str(np.asarray(v).dtype))
+                           for v in jax.tree.leaves(t))
+  key = (kernel_fn, x1.shape[1:], str(x1.dtype), min(PROBE_BLOCK, x1.shape[0]),
+         min(PROBE_BLOCK, x2.shape[0]), jax.tree.structure(tuple(kernel_args)),
+         shapes(kernel_args))
+  try:
+    hash(key)
+  except TypeError:
+    return estimate_bytes_per_entry(kernel_fn, x1, x2, kernel_args=kernel_args)
+  if key not in _BYTES_PER_ENTRY:
+    _BYTES_PER_ENTRY[key] = estimate_bytes_per_entry(kernel_fn, x1, x2,
+                                                     kernel_args=kernel_args)
+  return _BYTES_PER_ENTRY[key]
+
+
+_BYTES_PER_ENTRY = {}
 
 
 def _block_rows(block: int, size: int, n: int) -> np.ndarray:
@@ -209,7 +235,8 @@ def kernel_matrix(kernel_fn: KernelFn,
                   bytes_per_entry: Optional[float] = None,
                   devices: Optional[Sequence[jax.Device]] = None,
                   on_host: bool = True,
-                  progress: Union[None, bool, Callable[[int, int], None]] = None):
+                  progress: Union[None, bool, Callable[[int, int], None]] = None,
+                  kernel_args: Sequence[Any] = ()):
   """The kernel matrix `K[a, b] = kernel_fn(x1[a:a+1], x2[b:b+1])`, computed in tiles on all devices.
 
   The matrix is cut into `b1 x b2` tiles; each round gives one tile to each device (a batch of
@@ -248,6 +275,11 @@ def kernel_matrix(kernel_fn: KernelFn,
       from the tiles (needs memory for the matrix and its tiles on that device).
     progress: None; True for a tqdm bar; or a callback `progress(done_tiles, total_tiles)`
       called after each round of tiles has finished.
+    kernel_args: extra arguments passed to every tile as `kernel_fn(x1_block, x2_block,
+      *kernel_args)` (arrays or pytrees of arrays, e.g. a patch metric), replicated on all
+      devices and traced, not baked into the program: with a hashable `kernel_fn` (a
+      module-level function or a frozen dataclass) a new value reuses the compiled tile
+      program, where a fresh closure over the value would compile again.
 
   Returns:
     `(n1, n2)` kernel matrix of `kernel_fn`'s output dtype (numpy if `on_host`, else a
@@ -304,7 +336,7 @@ def kernel_matrix(kernel_fn: KernelFn,
           value, (int, float, np.number)) or not value > 0 or not math.isfinite(value)):
         raise ValueError(f'`{name}` must be a positive number, got {value!r}.')
     budget = memory_budget_bytes or _default_budget(devices)
-    bpe = bytes_per_entry or estimate_bytes_per_entry(kernel_fn, x1, x2)
+    bpe = bytes_per_entry or _cached_bytes_per_entry(kernel_fn, x1, x2, kernel_args)
     row = x1.dtype.itemsize * math.prod(x1.shape[1:])
     budget = min(budget, bpe * DEFAULT_MAX_BLOCK**2 + 2 * DEFAULT_MAX_BLOCK * row)
     b1, b2 = choose_block_shape(n1, n2, budget_bytes=budget, bytes_per_entry=bpe,
@@ -312,7 +344,7 @@ def kernel_matrix(kernel_fn: KernelFn,
 
   # Check the kernel's output on one abstract tile before running anything.
   out = jax.eval_shape(kernel_fn, jax.ShapeDtypeStruct((b1,) + x1.shape[1:], x1.dtype),
-                       jax.ShapeDtypeStruct((b2,) + x2.shape[1:], x2.dtype))
+                       jax.ShapeDtypeStruct((b2,) + x2.shape[1:], x2.dtype), *kernel_args)
   if not hasattr(out, 'shape') or tuple(out.shape) != (b1, b2):
     raise ValueError(
         f'`kernel_fn` must map blocks of {b1} and {b2} examples to a ({b1}, {b2}) matrix, got '
@@ -326,6 +358,12 @@ def kernel_matrix(kernel_fn: KernelFn,
     program = _tile_program(kernel_fn, mesh)
   except TypeError:  # Unhashable callable: build an uncached program.
     program = _tile_program.__wrapped__(kernel_fn, mesh)
+  replicated = NamedSharding(mesh, P())
+  # Every process holds the same argument values; each feeds its own devices' copies.
+  args = jax.tree.map(
+      lambda v: jax.make_array_from_callback(np.shape(v), replicated,
+                                             lambda index, v=np.asarray(v): v[index]),
+      tuple(kernel_args))
   total = len(plan.tiles)
   update, close = _as_progress(progress, total)
   (nb1, nb2) = plan.grid_shape
@@ -341,7 +379,7 @@ def kernel_matrix(kernel_fn: KernelFn,
                                      lambda index: x1[rows1[index[0]]])
     b = jax.make_array_from_callback(rows2.shape + x2.shape[1:], sharding,
                                      lambda index: x2[rows2[index[0]]])
-    return program(a, b)
+    return program(a, b, args)
 
   def check_finite_tile(tile, i, j):
     if not np.all(np.isfinite(tile)):
