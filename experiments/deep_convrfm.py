@@ -54,6 +54,9 @@ def define_flags(flag_values=FLAGS):
   define.enum('sampler', 'sqrt', list(deep.SAMPLERS), 'Filter sampler.')
   define.enum('nonlinearity', 'none', sorted(deep.NONLINEARITIES),
               'Nonlinearity after each featurisation.')
+  define.integer('final_rounds', -1,
+                 'ConvRFM rounds of the final kernel on the learned features (-1: --rounds; '
+                 '1: plain CNTK ridge regression on them).')
 
 
 def config_from_flags(values) -> deep.DeepConvRFMConfig:
@@ -77,7 +80,11 @@ def run(values) -> Dict[str, Any]:
   # Validates the data and carves the selection split once (before the workdir is touched).
   init = crfm.convrfm_init(train.images, train.labels, config=base._replace(depth=1),
                            num_classes=train.num_classes, **kw)
+  if values.final_rounds == 0 or values.final_rounds < -1:
+    raise ValueError(f'--final_rounds must be -1 or a positive integer, got '
+                     f'{values.final_rounds}.')
   cfg_dict = dict(exp.data_config(values), convrfm=base._asdict(), layers=n_layers,
+                  final_rounds=values.final_rounds,
                   width=config.width, sampler=config.sampler,
                   nonlinearity=config.nonlinearity)
   logging.info('Writing to %s.', workdir)
@@ -87,8 +94,13 @@ def run(values) -> Dict[str, Any]:
   per_layer = []
   cntk_round = None   # round 0 of layer 0: the plain CNTK of the full depth
 
+  final_rounds = base.rounds if values.final_rounds < 0 else values.final_rounds
+
   def convrfm_layer(l, depth):
-    state = crfm.convrfm_init(feats['fit'], init.y_fit, config=base._replace(depth=depth),
+    cfg = base._replace(depth=depth)
+    if l == n_layers:
+      cfg = cfg._replace(rounds=final_rounds)
+    state = crfm.convrfm_init(feats['fit'], init.y_fit, config=cfg,
                               x_val=feats['val'], y_val=init.y_val, x_test=feats['test'],
                               y_test=init.y_test, num_classes=init.num_classes)
     channels = feats['fit'].shape[-1]

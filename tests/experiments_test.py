@@ -170,3 +170,20 @@ def test_deep_convrfm_binary_end_to_end_and_resume(tmp_path, monkeypatch):
   assert summary['cntk_test_acc'] == lines[0]['test_acc']
   assert summary['cntk_test_acc_fit_only'] == lines[0]['test_fit_only_acc']
   assert again['deep_convrfm_test_acc_fit_only'] == summary['deep_convrfm_test_acc_fit_only']
+
+
+def test_deep_convrfm_final_rounds(tmp_path):
+  """`--final_rounds=1`: the final kernel on the learned features is plain CNTK regression."""
+  workdir = tmp_path / 'deep_final'
+  argv = ['--dataset=bars', '--n_train=16', '--n_test=8', '--q=3', '--depth=2', '--rounds=2',
+          '--final_rounds=1', '--val_fraction=0.25', '--ridges=1e-6,1e-2', '--width=4',
+          '--nonlinearity=relu', f'--workdir={workdir}']
+  summary = deep_exp.run(_values(deep_exp.define_flags, argv))
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [(l['layer'], l['round']) for l in lines] == [(0, 0), (0, 1), (1, 0)]
+  assert summary['final_test_acc_per_round'] == [lines[-1]['test_acc']]
+  assert json.loads((workdir / 'config.json').read_text())['final_rounds'] == 1
+  with pytest.raises(ValueError, match='final_rounds'):
+    deep_exp.run(_values(deep_exp.define_flags,
+                         argv[:-1] + ['--final_rounds=0', f'--workdir={tmp_path / "bad"}']))
+  assert not (tmp_path / 'bad').exists()
