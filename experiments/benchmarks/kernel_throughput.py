@@ -13,12 +13,12 @@ Run (about 2-4 minutes on a 2-core CPU):
 
 Measured 2026-11-27, float32, entries/s (fused / NT, ratio; peak memory fused vs NT):
 
-  2-core shared CPU container (load average ~9 from other jobs; n=64), jax 0.10.2:
-    42x42x1 q3 d3:            22,387 /  4,080  (5.5x); max RSS 314 vs 577 MB
-    42x42x1 q3 d3 + metric:   18,154 /  3,534  (5.1x)
-    32x32x3 q3 d5:            25,587 /  3,118  (8.2x)
-    32x32x3 q3 d5 + metric:   14,019 /  2,753  (5.1x)
-  NVIDIA H100 80GB (n=256), jax 0.11.2:
+  2-core CPU container (idle, n=128, 14:47 UTC), jax 0.10.2:
+    42x42x1 q3 d3:           194,137 / 12,345 (15.7x); max RSS 342 vs 1348 MB
+    42x42x1 q3 d3 + metric:  110,924 / 12,650  (8.8x)
+    32x32x3 q3 d5:           152,384 /  7,772 (19.6x)
+    32x32x3 q3 d5 + metric:  109,550 /  8,237 (13.3x)
+  NVIDIA H100 80GB (n=256), jax 0.11.2 (before the CPU tuning of the afternoon):
     42x42x1 q3 d3:        17.3 M / 16.4 M (1.06x); device peak 198 vs 1557 MB
     42x42x1 q3 d3 + M:     7.9 M /  8.5 M (0.93x); 215 vs 1557 MB
     32x32x3 q3 d5:        18.0 M / 13.1 M (1.37x); 169 vs 4247 MB
