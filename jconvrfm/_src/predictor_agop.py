@@ -22,6 +22,13 @@ so `G = M (sum_{z,c,p} v v^T) M / s`. The cost is one kernel-sized backward pass
 (train x sample) pairs plus a contraction of `n * s * P * classes * d` multiply-adds; memory is
 bounded by chunking over sample images and training images (`block_elements`).
 
+A kernel object with a `grads_spatial_leading` method (the fused CNTK, `fused.GramConvKernel`)
+supplies `A` and `B` from its own hand-written reverse pass instead of autodiff; blocks are then
+laid out (positions, samples, train) so that the contraction is one batched matmul per position.
+When the samples are all the training images (the ConvRFM default), pairs `(x_i, x_j)` and
+`(x_j, x_i)` share Grams and reverse pass, so each unordered pair is evaluated once and both
+directions are contracted from it (`symmetric=True`).
+
 Generic path (`predictor_agop_autodiff`): any kernel defined on explicit patch tensors (for
 example a neural-tangents stax kernel fed with expanded patch images), differentiated with
 `jax.jacrev` (all classes in one vectorised reverse pass), chunked in the same way. It is also
