@@ -227,14 +227,10 @@ def _v_from_grams(kernel_from_grams: GramKernelFn, px: jax.Array, mpx: jax.Array
   gram = jnp.einsum('mhwd,bhwd->mbhw', mpx, pz)            # (m, b, H', W')
   gram = jnp.where(same[:, :, None, None], sqx[:, None], gram)
   a, b = _gram_grads(kernel_from_grams, gram, sqx, sqz)    # (m, b, H', W') each
-  m, h, w, d = px.shape
-  classes = alpha.shape[1]
   # sum_i alpha_ic A[i, p] p_p(x_i): one matmul per position over the train axis (positions
   # leading, which XLA's CPU batched dot handles far better than positions trailing).
-  weighted = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
-      m, h, w, classes * d)
   u = jnp.einsum('hwmb,hwmk->hwbk', jnp.transpose(a, (2, 3, 0, 1)),
-                 jnp.transpose(weighted, (1, 2, 0, 3)))
+                 _weighted_patches(px, alpha))
   coef = jnp.einsum('mbhw,mc->hwbc', b, alpha)
   return u_acc + u, coef_acc + coef
 
@@ -256,102 +252,96 @@ def _hand_tile_cols(b: int, m: int, positions: int) -> int:
   return max(t for t in range(1, min(cols, b) + 1) if b % t == 0)
 
 
+def _weighted_patches(px: jax.Array, alpha: jax.Array) -> jax.Array:
+  """`alpha_ic px[i, h, w, e]` as `(H', W', n, classes * d)`: positions lead (batched matmuls)."""
+  n, h, w, d = px.shape
+  weighted = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
+      n, h, w, alpha.shape[1] * d)
+  return jnp.transpose(weighted, (1, 2, 0, 3))
+
+
+def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, mpx: jax.Array,
+                        sqx: jax.Array, same: Optional[jax.Array], train_side: bool):
+  """Reverse pass of `K(z_b, x_i)` over all (sample, train) pairs, in sample tiles.
+
+  The (symmetric) kernel is evaluated with the samples as its first argument and the training
+  images as its second, so that the gradients come out as `(H', W', samples, train)`: the
+  contraction over training images is then one batched matmul per position with the whole
+  training block as its inner dimension, with no transposes of pair-sized arrays (on a 2-core
+  CPU about 5x the throughput of contracting tile by tile). Tiles of `tile_cols` samples go
+  through the reverse pass in a `fori_loop` and are written in place into block-sized buffers.
+
+  Args:
+    kernel: has `grads_spatial_leading` (e.g. `fused.GramConvKernel`).
+    tile_cols: samples per tile (divides `b`).
+    pz: `(b, H', W', d)` untransformed sample patches, `sqz` `(b, H', W')` their squared
+      M-norms.
+    mpx: `(m, H', W', d)` training patches times `M`; `sqx` `(m, H', W')`.
+    same: None, or `(m, b)` bool, True where sample b IS training image i: there the Gram
+      entry is set to exactly the squared norm (see `_v_from_grams`).
+    train_side: also return the training images' self-Gram gradients.
+
+  Returns:
+    `A = dK/dgram` and `B_z = dK/dsq(z)`, `(H', W', b, m)` each, and `B_x = dK/dsq(x)` (same
+    shape) if `train_side`.
+  """
+  m, h, w, _ = mpx.shape
+  b = pz.shape[0]
+  mpx_t = jnp.transpose(mpx, (1, 2, 3, 0))                 # (H, W, d, m)
+  sqx_t = jnp.transpose(sqx, (1, 2, 0))                    # (H, W, m)
+  pz_t = jnp.transpose(pz, (1, 2, 0, 3))                   # (H, W, b, d)
+  sqz_t = jnp.transpose(sqz, (1, 2, 0))                    # (H, W, b)
+  same_t = None if same is None else same.T                # (b, m)
+
+  def body(t, bufs):
+    start = t * tile_cols
+    pz_s = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
+    sqz_s = jax.lax.dynamic_slice_in_dim(sqz_t, start, tile_cols, axis=2)
+    gram = jnp.matmul(pz_s, mpx_t)                         # (H, W, bt, m)
+    if same_t is not None:
+      same_s = jax.lax.dynamic_slice_in_dim(same_t, start, tile_cols, axis=0)
+      gram = jnp.where(same_s, sqz_s[..., None], gram)
+    _, a, bz, bx = kernel.grads_spatial_leading(gram, sqz_s, sqx_t)
+    new = (a, bz, bx) if train_side else (a, bz)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=2)
+                 for buf, x in zip(bufs, new))
+
+  zeros = jnp.zeros((h, w, b, m), mpx.dtype)
+  return jax.lax.fori_loop(0, b // tile_cols, body, (zeros,) * (3 if train_side else 2))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(9, 10))
 def _v_hand_written(kernel, tile_cols: int, px: jax.Array, mpx: jax.Array, sqx: jax.Array,
                     alpha: jax.Array, pz: jax.Array, sqz: jax.Array, same: jax.Array,
                     u_acc: jax.Array, coef_acc: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """`_v_from_grams` for a kernel with a hand-written gradient (`grads_spatial_leading`).
 
-  Same arguments and results as `_v_from_grams`. The (symmetric) kernel is evaluated with the
-  samples as its first argument and the training images as its second, so that the gradients
-  come out as `(H', W', samples, train)`: the contraction over training images is then one
-  batched matmul per position with the whole training block as its inner dimension, with no
-  transposes of pair-sized arrays (on a 2-core CPU about 5x the throughput of contracting
-  tile by tile). Tiles of `tile_cols` samples go through the reverse pass in a `fori_loop`
-  and are written in place into block-sized buffers.
+  Same arguments and results as `_v_from_grams`; the reverse pass is `_hand_written_grads`.
   """
-  m, h, w, d = px.shape
-  b = pz.shape[0]
-  classes = alpha.shape[1]
-  mpx_t = jnp.transpose(mpx, (1, 2, 3, 0))                 # (H, W, d, m)
-  sqx_t = jnp.transpose(sqx, (1, 2, 0))                    # (H, W, m)
-  pz_t = jnp.transpose(pz, (1, 2, 0, 3))                   # (H, W, b, d)
-  sqz_t = jnp.transpose(sqz, (1, 2, 0))                    # (H, W, b)
-  same_t = same.T                                          # (b, m)
-
-  def body(t, bufs):
-    buf_a, buf_b = bufs
-    start = t * tile_cols
-    pz_i = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
-    sqz_i = jax.lax.dynamic_slice_in_dim(sqz_t, start, tile_cols, axis=2)
-    same_i = jax.lax.dynamic_slice_in_dim(same_t, start, tile_cols, axis=0)
-    gram = jnp.matmul(pz_i, mpx_t)                         # (H, W, bt, m)
-    gram = jnp.where(same_i, sqz_i[..., None], gram)
-    _, a, bz, _ = kernel.grads_spatial_leading(gram, sqz_i, sqx_t)
-    buf_a = jax.lax.dynamic_update_slice_in_dim(buf_a, a, start, axis=2)
-    buf_b = jax.lax.dynamic_update_slice_in_dim(buf_b, bz, start, axis=2)
-    return buf_a, buf_b
-
-  zeros = jnp.zeros((h, w, b, m), px.dtype)
-  buf_a, buf_b = jax.lax.fori_loop(0, b // tile_cols, body, (zeros, zeros))
+  buf_a, buf_b = _hand_written_grads(kernel, tile_cols, pz, sqz, mpx, sqx, same, False)
   # u[h, w, b, (c, e)] = sum_i A[h, w, b, i] alpha_ic px[i, h, w, e].
-  weighted = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
-      m, h, w, classes * d)
-  u = jnp.matmul(buf_a, jnp.transpose(weighted, (1, 2, 0, 3)))
+  u = jnp.matmul(buf_a, _weighted_patches(px, alpha))
   coef = jnp.matmul(buf_b, alpha)
   return u_acc + u, coef_acc + coef
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(11, 12, 13, 14))
-def _symmetric_pair(kernel, tile_cols: int, diagonal: bool, px_i: jax.Array, mpx_i: jax.Array,
-                    sqx_i: jax.Array, alpha_i: jax.Array, px_j: jax.Array, mpx_j: jax.Array,
-                    sqx_j: jax.Array, alpha_j: jax.Array, u_i: jax.Array, coef_i: jax.Array,
-                    u_j: jax.Array, coef_j: jax.Array):
-  """Both directions of one block pair `(I, J)` of training images that are also samples.
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(9, 10, 11, 12))
+def _symmetric_pair(kernel, tile_cols: int, px_i: jax.Array, mpx_i: jax.Array,
+                    sqx_i: jax.Array, alpha_i: jax.Array, px_j: jax.Array, sqx_j: jax.Array,
+                    alpha_j: jax.Array, u_i: jax.Array, coef_i: jax.Array, u_j: jax.Array,
+                    coef_j: jax.Array):
+  """Both directions of one off-diagonal block pair `(I, J)` of training images.
 
-  One reverse pass over the pairs gives `A = dK/dgram` (shared by the two directions, the
+  The training images are also the samples. One reverse pass over the pairs gives `A = dK/dgram` (shared by the two directions, the
   Gram being symmetric) and the self-Gram gradients of both sides, so block `J` gets its
-  samples' contributions from training block `I` and, unless `diagonal`, block `I` gets them
-  from `J`. On the diagonal, coinciding pairs get Gram entries exactly equal to the squared
-  norms (as `_v_from_grams` does for `z_indices`).
+  samples' contributions from training block `I`, and block `I` gets them from `J`.
   """
-  m, h, w, d = px_i.shape
-  b = px_j.shape[0]
-  classes = alpha_i.shape[1]
-  mpx_t = jnp.transpose(mpx_i, (1, 2, 3, 0))               # (H, W, d, m)
-  sqx_t = jnp.transpose(sqx_i, (1, 2, 0))                  # (H, W, m)
-  pz_t = jnp.transpose(px_j, (1, 2, 0, 3))                 # (H, W, b, d)
-  sqz_t = jnp.transpose(sqx_j, (1, 2, 0))                  # (H, W, b)
-  eye = jnp.arange(b)[:, None] == jnp.arange(m)[None, :]   # (b, m), used when diagonal
-
-  def body(t, bufs):
-    buf_a, buf_bz, buf_bx = bufs
-    start = t * tile_cols
-    pz_s = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
-    sqz_s = jax.lax.dynamic_slice_in_dim(sqz_t, start, tile_cols, axis=2)
-    gram = jnp.matmul(pz_s, mpx_t)                         # (H, W, bt, m)
-    if diagonal:
-      same = jax.lax.dynamic_slice_in_dim(eye, start, tile_cols, axis=0)
-      gram = jnp.where(same, sqz_s[..., None], gram)
-    _, a, bz, bx = kernel.grads_spatial_leading(gram, sqz_s, sqx_t)
-    buf_a = jax.lax.dynamic_update_slice_in_dim(buf_a, a, start, axis=2)
-    buf_bz = jax.lax.dynamic_update_slice_in_dim(buf_bz, bz, start, axis=2)
-    buf_bx = jax.lax.dynamic_update_slice_in_dim(buf_bx, bx, start, axis=2)
-    return buf_a, buf_bz, buf_bx
-
-  zeros = jnp.zeros((h, w, b, m), px_i.dtype)
-  buf_a, buf_bz, buf_bx = jax.lax.fori_loop(0, b // tile_cols, body, (zeros, zeros, zeros))
-
-  def weighted_t(px, alpha):                               # (H, W, n, classes * d)
-    wt = (alpha[:, None, None, :, None] * px[:, :, :, None, :]).reshape(
-        px.shape[0], h, w, classes * d)
-    return jnp.transpose(wt, (1, 2, 0, 3))
-
-  u_j = u_j + jnp.matmul(buf_a, weighted_t(px_i, alpha_i))
+  buf_a, buf_bz, buf_bx = _hand_written_grads(kernel, tile_cols, px_j, sqx_j, mpx_i, sqx_i,
+                                              None, True)
+  u_j = u_j + jnp.matmul(buf_a, _weighted_patches(px_i, alpha_i))
   coef_j = coef_j + jnp.matmul(buf_bz, alpha_i)
-  if not diagonal:
-    u_i = u_i + jnp.einsum('hwba,hwbk->hwak', buf_a, weighted_t(px_j, alpha_j))
-    coef_i = coef_i + jnp.einsum('hwba,bc->hwac', buf_bx, alpha_j)
+  u_i = u_i + jnp.einsum('hwba,hwbk->hwak', buf_a, _weighted_patches(px_j, alpha_j))
+  coef_i = coef_i + jnp.einsum('hwba,bc->hwac', buf_bx, alpha_j)
   return u_i, coef_i, u_j, coef_j
 
 
@@ -375,17 +365,17 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> ja
   tile_cols = _hand_tile_cols(block, block, h * w)
   pairs = [(i, j) for j in range(nb) for i in range(j + 1)]
   reported = 0
+  eye = jnp.eye(block, dtype=bool)
   for k, (i, j) in enumerate(pairs):
     if i == j:
-      # Donated buffers must be distinct: the diagonal updates only block j.
-      _, _, u[j], coef[j] = _symmetric_pair(
-          kernel, tile_cols, True, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
-          px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]],
-          jnp.zeros((), px.dtype), jnp.zeros((), px.dtype), u[j], coef[j])
+      # A diagonal block is the one-directional case with its own images as samples.
+      u[j], coef[j] = _v_hand_written(
+          kernel, tile_cols, px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]], px[sl[j]],
+          sqx[sl[j]], eye, u[j], coef[j])
     else:
       u[i], coef[i], u[j], coef[j] = _symmetric_pair(
-          kernel, tile_cols, False, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
-          px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]], u[i], coef[i], u[j], coef[j])
+          kernel, tile_cols, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
+          px[sl[j]], sqx[sl[j]], alpha[sl[j]], u[i], coef[i], u[j], coef[j])
     if progress is not None:
       done = (n * (k + 1)) // len(pairs)
       if done > reported:
