@@ -12,7 +12,8 @@ predictor). Writes to `--workdir`:
   `layer` field; `layer == layers` is the final ConvRFM);
 * `layer<l>_round_<t>.npz` per finished round (atomic; a killed run resumes after the last
   finished round of the last unfinished layer), `layer<l>_filters.npy` `(q, q, c, width)` and
-  `layer<l>_metric.npy` (the M the filters were drawn from);
+  `layer<l>_metric.npy` (the learned M the filters were drawn from, unless
+  `--filter_metric=identity`, the ablation that draws them from N(0, I));
 * `layer<l>_eigenfilters.png` (top-8 eigenvectors of that M; layer 0 on RGB images gives the
   colour edge filters), per-round figures for layer 0, `summary.json`.
 
@@ -54,6 +55,8 @@ def define_flags(flag_values=FLAGS):
   define.enum('sampler', 'sqrt', list(deep.SAMPLERS), 'Filter sampler.')
   define.enum('nonlinearity', 'none', sorted(deep.NONLINEARITIES),
               'Nonlinearity after each featurisation.')
+  define.enum('filter_metric', 'learned', list(deep.FILTER_METRICS),
+              'Covariance of the random filters: the learned M, or (ablation) the identity.')
   define.integer('final_rounds', -1,
                  'ConvRFM rounds of the final kernel on the learned features (-1: --rounds; '
                  '1: plain CNTK ridge regression on them).')
@@ -63,7 +66,7 @@ def config_from_flags(values) -> deep.DeepConvRFMConfig:
   return deep.DeepConvRFMConfig(
       convrfm=exp.config_from_flags(values), layers=None if values.layers < 0 else values.layers,
       width=values.width, sampler=values.sampler, nonlinearity=values.nonlinearity,
-      seed=values.seed)
+      filter_metric=values.filter_metric, seed=values.seed)
 
 
 def run(values) -> Dict[str, Any]:
@@ -86,7 +89,7 @@ def run(values) -> Dict[str, Any]:
   cfg_dict = dict(exp.data_config(values), convrfm=base._asdict(), layers=n_layers,
                   final_rounds=values.final_rounds,
                   width=config.width, sampler=config.sampler,
-                  nonlinearity=config.nonlinearity)
+                  nonlinearity=config.nonlinearity, filter_metric=config.filter_metric)
   logging.info('Writing to %s.', workdir)
   path = exp.prepare_workdir(workdir, cfg_dict)
   feats = {'fit': init.x_fit, 'val': init.x_val, 'test': init.x_test}
@@ -123,8 +126,9 @@ def run(values) -> Dict[str, Any]:
     if filters_path.exists():
       filters = jnp.asarray(np.load(filters_path), base.dtype)
     else:
-      filters = deep.sample_filters(best.metric, config.width, sub, patch_size=base.patch_size,
-                                    channels=c, sampler=config.sampler)
+      filters = deep.sample_filters(deep.filter_metric(config, best.metric), config.width, sub,
+                                    patch_size=base.patch_size, channels=c,
+                                    sampler=config.sampler)
       exp.atomic_write_bytes(path / f'layer{l}_metric.npy', _npy(best.metric))
       exp.atomic_write_bytes(filters_path, _npy(filters))
     exp.plot_eigenfilters(best.metric, base.patch_size, c, path / f'layer{l}_eigenfilters.png',

@@ -82,6 +82,7 @@ def test_fit_layers_featurize_and_predict():
     (dict(sampler='uniform'), 'sampler'),
     (dict(nonlinearity='gelu'), 'nonlinearity'),
     (dict(width=0), 'width'),
+    (dict(filter_metric='random'), 'filter_metric'),
 ])
 def test_bad_config(change, match):
   x, y = _data(2, 12)
@@ -95,3 +96,22 @@ def test_featurize_rejects_wrong_shape():
       convrfm=CFG.convrfm._replace(rounds=1)))
   with pytest.raises(ValueError, match='expects maps of shape'):
     deep.deep_featurize(state, np.zeros((1, 9, 9, 1)))
+
+
+def test_identity_filter_ablation_draws_the_same_normals_from_n0i():
+  """`filter_metric='identity'` keeps the learned M but draws the filters as Z I^(1/2) = Z."""
+  x, y = _data(4, 20)
+  learned = deep.deep_convrfm_fit(x, y, config=CFG._replace(layers=1))
+  ablation = deep.deep_convrfm_fit(x, y, config=CFG._replace(layers=1,
+                                                             filter_metric='identity'))
+  la, lb = learned.layers[0], ablation.layers[0]
+  tolerances.assert_rel_fro(lb.metric, la.metric, 0, 'the layer ConvRFM is unchanged')
+  _, sub = jax.random.split(jax.random.PRNGKey(CFG.seed))
+  # Independent of sample_filters: its 'sqrt' draw is Z M^(1/2) with Z standard normal.
+  z = np.asarray(jax.random.normal(sub, (5, 9), jnp.float64))
+  tolerances.assert_rel_fro(np.asarray(lb.filters).reshape(9, 5), z.T, 1e-12, 'N(0, I) draw')
+  w = np.asarray(la.filters).reshape(9, 5).T                  # rows z_i M^(1/2)
+  # Same normals: w = z S with S the PSD root of M, so w^T w = S z^T z S.
+  evals, evecs = np.linalg.eigh(np.asarray(la.metric))
+  s = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
+  tolerances.assert_rel_fro(w, z @ s, 1e-9, 'N(0, M) draw from the same normals')

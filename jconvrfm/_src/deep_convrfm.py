@@ -36,6 +36,7 @@ from jconvrfm._src import convrfm as convrfm_lib
 from jconvrfm._src import patches as patches_lib
 
 SAMPLERS = ('sqrt', 'normal')
+FILTER_METRICS = ('learned', 'identity')
 NONLINEARITIES = {'none': lambda x: x, 'relu': jax.nn.relu, 'tanh': jnp.tanh}
 
 
@@ -50,13 +51,18 @@ class DeepConvRFMConfig(NamedTuple):
     width: number of random filters per layer.
     sampler: `'sqrt'` (`W = Z M^(1/2)`) or `'normal'` (rows from `N(0, M / tr M)`).
     nonlinearity: `'none'` (reference), `'relu'` or `'tanh'` after each featurisation.
-    seed: seed of the filter draws.
+    filter_metric: `'learned'` (default): filters from `N(0, M)` of the layer's best round;
+      `'identity'`: an ablation that draws them from `N(0, I)` whatever M was learned (the
+      layer's ConvRFM still runs and its M is kept), so that the gain of the learned metric
+      can be told apart from that of the random-feature architecture itself.
+    seed: seed of the filter draws (the same draws for either `filter_metric`).
   """
   convrfm: convrfm_lib.ConvRFMConfig = convrfm_lib.ConvRFMConfig(depth=5)
   layers: Optional[int] = None
   width: int = 64
   sampler: str = 'sqrt'
   nonlinearity: str = 'none'
+  filter_metric: str = 'learned'
   seed: int = 0
 
 
@@ -68,7 +74,8 @@ class DeepLayer(NamedTuple):
     kernel_depth: CNTK depth used by this layer's ConvRFM.
     metric: `(d, d)` metric of the best round (`d = q*q*c_in`).
     best_round: index of the selected ConvRFM round (0: identity metric).
-    filters: `(q, q, c_in, width)` Flax-layout conv kernel drawn from `N(0, M)`.
+    filters: `(q, q, c_in, width)` Flax-layout conv kernel drawn from `N(0, M)` (from
+      `N(0, I)` with `filter_metric='identity'`).
     input_shape: `(H, W, c_in)` of the feature maps the layer read.
     output_shape: `(H', W', width)` of the feature maps it produced.
     history: the layer's ConvRFM `RoundRecord`s.
@@ -131,6 +138,13 @@ def sample_filters(metric: jax.Array, width: int, key: jax.Array, *, patch_size:
   return w.T.reshape(q, q, c, width)
 
 
+def filter_metric(config: DeepConvRFMConfig, learned: jax.Array) -> jax.Array:
+  """The covariance the filters are drawn from: `learned`, or `I` for the identity ablation."""
+  if config.filter_metric == 'identity':
+    return jnp.eye(learned.shape[0], dtype=learned.dtype)
+  return learned
+
+
 def featurize_layer(x: jax.Array, filters: jax.Array, *, padding='VALID',
                     nonlinearity: str = 'none') -> jax.Array:
   """Applies one learned layer: stride-1 conv with `filters` (no bias), then `nonlinearity`.
@@ -177,6 +191,9 @@ def _check_deep_config(config: DeepConvRFMConfig) -> Tuple[DeepConvRFMConfig, in
   if config.nonlinearity not in NONLINEARITIES:
     raise ValueError(f'`config.nonlinearity` must be one of {sorted(NONLINEARITIES)}, got '
                      f'{config.nonlinearity!r}.')
+  if config.filter_metric not in FILTER_METRICS:
+    raise ValueError(f'`config.filter_metric` must be one of {FILTER_METRICS}, got '
+                     f'{config.filter_metric!r}.')
   return config._replace(convrfm=base), layers
 
 
@@ -238,8 +255,8 @@ def deep_convrfm_fit(x_train: jax.Array,
     best = convrfm_lib.best_round(state)
     c = feats['fit'].shape[-1]
     key, sub = jax.random.split(key)
-    filters = sample_filters(best.metric, config.width, sub, patch_size=base.patch_size,
-                             channels=c, sampler=config.sampler)
+    filters = sample_filters(filter_metric(config, best.metric), config.width, sub,
+                             patch_size=base.patch_size, channels=c, sampler=config.sampler)
     in_shape = tuple(feats['fit'].shape[1:])
     feats = {k: None if v is None else featurize_layer(
         v, filters, padding=base.padding, nonlinearity=config.nonlinearity)
