@@ -183,7 +183,14 @@ def test_memory_budget_picks_block_and_matches():
   calls.clear()
   kernel_matrix(rbf, big, bytes_per_entry=8, memory_budget_bytes=2**40,
                 progress=lambda d, t: calls.append(t))
-  assert calls[-1] == 3  # Capped at 512 x 512: 2 x 2 blocks, 3 upper tiles.
+  # Symmetric: at least SYMMETRIC_MIN_BLOCKS blocks per side unless blocks would fall under
+  # 64 rows, so here blocks of 64 at most, evened out to ceil(515 / 9) = 58: 9 x 9 blocks.
+  assert tiling.SYMMETRIC_MIN_BLOCKS * 64 > 515
+  assert calls[-1] == 9 * 10 // 2
+  calls.clear()
+  kernel_matrix(rbf, big[:500], big[:500] + 0.0, bytes_per_entry=8, memory_budget_bytes=2**40,
+                progress=lambda d, t: calls.append(t))
+  assert calls[-1] == 1  # Not symmetric (x2 given): one 500 x 500 tile.
   tolerances.assert_rel_fro(k2, rbf_reference(x, x), 1e-13, 'measured budget')
 
 

@@ -609,11 +609,14 @@ def _fused_block(x1, x2, metric, depth, q, padding, kind):
   return _kernel_from_grams_internal(g12, g1, g2, depth, q, padding, x1.shape[-1], kind)
 
 
-def _patch_features(x, metric, q, padding, block):
-  """`(blocks, H', W', block, d)` patches, the same times `M`, and `(blocks, H', W', block)` Grams.
+def _patch_features(x, metric, q, padding, block, side):
+  """Per-block patch features of one side of the kernel matrix, computed once per call.
 
-  Positions lead and images follow, the layout of the tile recursion; the cross Gram of two
-  tiles is then one batched matmul `(H', W', b1, d) @ (H', W', d, b2)`.
+  Side 1 gets its patches `p`, side 2 its patches times the metric, `M p`, each as
+  `(blocks, H', W', block, d)` and `(blocks, H', W', d, block)`, and both their squared M-norms `p^T M p` `(blocks, H', W',
+  block)`. Positions lead and images follow, the layout of the tile recursion; the cross Gram
+  of two tiles is then one batched matmul `(H', W', b1, d) @ (H', W', d, b2)`. Only what a tile
+  reads is kept, so the tile loop slices no unused arrays.
   """
   p = patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
   mp = p @ metric
@@ -623,7 +626,9 @@ def _patch_features(x, metric, q, padding, block):
   def split(a):
     a = a.reshape((n // block, block) + a.shape[1:])
     return jnp.moveaxis(a, 1, 3)
-  return split(p), split(mp), split(sq)
+  if side == 1:
+    return split(p), split(sq)
+  return jnp.swapaxes(split(mp), -1, -2), split(sq)     # (blocks, H', W', d, block)
 
 
 def _num_blocks(features) -> int:
@@ -631,9 +636,9 @@ def _num_blocks(features) -> int:
 
 
 def _fused_block_from_features(f1, f2, depth, q, padding, channels, kind):
-  p1, _, sq1 = f1
-  _, mp2, sq2 = f2
-  g12 = jnp.matmul(p1, jnp.swapaxes(mp2, -1, -2))          # (H', W', b1, b2)
+  p1, sq1 = f1
+  mp2_t, sq2 = f2
+  g12 = jnp.matmul(p1, mp2_t)                               # (H', W', b1, b2)
   return _kernel_from_grams_internal(g12, sq1, sq2, depth, q, padding, channels, kind)
 
 
@@ -657,8 +662,8 @@ def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
   x1p = _pad_batch(x1, b1)
   x2p = _pad_batch(x2, b2)
   if metric is not None and metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM:
-    f1 = _patch_features(x1p, metric, q, padding, b1)
-    f2 = _patch_features(x2p, metric, q, padding, b2)
+    f1 = _patch_features(x1p, metric, q, padding, b1, side=1)
+    f2 = _patch_features(x2p, metric, q, padding, b2, side=2)
     block = functools.partial(_fused_block_from_features, depth=depth, q=q, padding=padding,
                               channels=channels, kind=kind)
   else:
