@@ -31,6 +31,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from jconvrfm._src import cnfa_report as report_lib
@@ -96,5 +97,8 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
+  # cache: reruns and resumed runs skip most compilation) or --jax_platforms.
+  jax.config.config_with_absl()
   define_flags()
   app.run(main)

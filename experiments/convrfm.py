@@ -49,6 +49,7 @@ from typing import Any, Dict, Optional, Tuple
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
@@ -482,5 +483,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
+  # cache: reruns and resumed runs skip most compilation) or --jax_platforms.
+  jax.config.config_with_absl()
   define_flags()
   app.run(main)

@@ -177,5 +177,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
+  # cache: reruns and resumed runs skip most compilation) or --jax_platforms.
+  jax.config.config_with_absl()
   define_flags()
   app.run(main)

@@ -232,4 +232,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
+  # cache: reruns and resumed runs skip most compilation) or --jax_platforms.
+  jax.config.config_with_absl()
   app.run(main)

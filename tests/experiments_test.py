@@ -187,3 +187,21 @@ def test_deep_convrfm_final_rounds(tmp_path):
     deep_exp.run(_values(deep_exp.define_flags,
                          argv[:-1] + ['--final_rounds=0', f'--workdir={tmp_path / "bad"}']))
   assert not (tmp_path / 'bad').exists()
+
+
+def test_binary_main_takes_jax_flags_and_fills_the_compilation_cache(tmp_path):
+  """`python -m experiments.convrfm` accepts jax's options as flags (`config_with_absl`)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'xla_cache'
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.convrfm', f'--workdir={tmp_path / "run"}', *TINY,
+       f'--jax_compilation_cache_dir={cache}', '--jax_persistent_cache_min_compile_time_secs=0'],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / 'run' / 'summary.json').exists()
+  assert cache.is_dir() and any(cache.iterdir()), 'no compiled program was cached'
