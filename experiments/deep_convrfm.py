@@ -178,7 +178,9 @@ def main(argv):
 
 if __name__ == '__main__':
   # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
-  # cache: reruns and resumed runs skip most compilation) or --jax_platforms.
-  jax.config.config_with_absl()
+  # cache: reruns and resumed runs skip most compilation) or --jax_platforms. (Skipped on a
+  # jax without this hook; the jax options are then read from JAX_* environment variables.)
+  if hasattr(jax.config, 'config_with_absl'):
+    jax.config.config_with_absl()
   define_flags()
   app.run(main)
