@@ -31,9 +31,9 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
+import experiments
 from jconvrfm._src import cnfa_report as report_lib
 from jconvrfm._src import pretrained
 
@@ -97,10 +97,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
-  # cache: reruns and resumed runs skip most compilation) or --jax_platforms. (Skipped on a
-  # jax without this hook; the jax options are then read from JAX_* environment variables.)
-  if hasattr(jax.config, 'config_with_absl'):
-    jax.config.config_with_absl()
+  experiments.use_jax_flags()
   define_flags()
   app.run(main)

@@ -49,11 +49,11 @@ from typing import Any, Dict, Optional, Tuple
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+import experiments
 from jconvrfm._src import convrfm as crfm
 
 FLAGS = flags.FLAGS
@@ -483,10 +483,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
-  # cache: reruns and resumed runs skip most compilation) or --jax_platforms. (Skipped on a
-  # jax without this hook; the jax options are then read from JAX_* environment variables.)
-  if hasattr(jax.config, 'config_with_absl'):
-    jax.config.config_with_absl()
+  experiments.use_jax_flags()
   define_flags()
   app.run(main)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import experiments
 from experiments import convrfm as exp
 from jconvrfm._src import convrfm as crfm
 from jconvrfm._src import deep_convrfm as deep
@@ -177,10 +178,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
-  # cache: reruns and resumed runs skip most compilation) or --jax_platforms. (Skipped on a
-  # jax without this hook; the jax options are then read from JAX_* environment variables.)
-  if hasattr(jax.config, 'config_with_absl'):
-    jax.config.config_with_absl()
+  experiments.use_jax_flags()
   define_flags()
   app.run(main)

@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+import experiments
 from jconvrfm import models
 from jconvrfm._src import cnfa_report as report_lib
 from jconvrfm._src import train as train_lib
@@ -232,9 +233,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  # jax's options as flags too, e.g. --jax_compilation_cache_dir (a persistent compilation
-  # cache: reruns and resumed runs skip most compilation) or --jax_platforms. (Skipped on a
-  # jax without this hook; the jax options are then read from JAX_* environment variables.)
-  if hasattr(jax.config, 'config_with_absl'):
-    jax.config.config_with_absl()
+  experiments.use_jax_flags()
   app.run(main)

@@ -53,6 +53,7 @@ import numpy as np
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
+from jconvrfm._src import tiling
 
 # (gram12 (n1, n2, H', W'), sq1 (n1, H', W'), sq2 (n2, H', W')) -> (n1, n2)
 GramKernelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -118,12 +119,6 @@ def _hand_block_sizes(n_train, n_z, positions, block_elements, train_block, z_bl
     z_block = max(1, 8 * block_elements // max(1, train_block * positions))
   z_block = min(checks.check_positive_int(z_block, 'z_block'), n_z)
   return train_block, z_block
-
-
-def _balanced(n, b):
-  """Block size `<= b` that splits `n` into as many blocks as `b` would, as evenly as possible."""
-  blocks = -(-n // b)
-  return -(-n // blocks)
 
 
 def _z_from_indices(x_train, z, z_indices):
@@ -365,7 +360,7 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> ja
   """
   n, h, w, d = px.shape
   classes = alpha.shape[1]
-  block = _balanced(n, block)
+  block = tiling.balanced_block(n, block)
   n_pad = -(-n // block) * block
   px, mpx, sqx, alpha = (_pad_axis0(a, n_pad) for a in (px, mpx, sqx, alpha))
   nb = n_pad // block
@@ -508,7 +503,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   # Every block has the same shape (the last ones padded), so `_v_from_grams` compiles once.
   # Padded training images are zero images with alpha = 0 (finite gradients, no
   # contribution); padded samples are zero images whose `v` is masked out.
-  tb, zb = _balanced(n, tb), _balanced(s, zb)
+  tb, zb = tiling.balanced_block(n, tb), tiling.balanced_block(s, zb)
   n_pad, s_pad = -(-n // tb) * tb, -(-s // zb) * zb
   px, mpx, sqx, alpha = (_pad_axis0(a, n_pad) for a in (px, mpx, sqx, alpha))
   pz_all, sqz_all = _pad_axis0(pz_all, s_pad), _pad_axis0(sqz_all, s_pad)

@@ -186,8 +186,12 @@ def _cached_bytes_per_entry(kernel_fn, x1, x2, kernel_args) -> float:
 _BYTES_PER_ENTRY = {}
 
 
-def _balanced(n: int, b: int) -> int:
-  """Block size `<= b` giving as many blocks of `n` as `b` does, as evenly as possible."""
+def balanced_block(n: int, b: int) -> int:
+  """Block size `<= b` giving as many blocks of `n` as `b` does, as evenly as possible.
+
+  `ceil(n / ceil(n / b))`: the last block then carries little padding. Used for kernel tiles
+  here, for the fused kernel's inner tiles and for the AGOP's blocks.
+  """
   blocks = -(-n // max(b, 1))
   return -(-n // blocks)
 
@@ -359,7 +363,7 @@ def kernel_matrix(kernel_fn: KernelFn,
     if symmetric:
       b1 = b2 = min(b1, max(-(-n1 // SYMMETRIC_MIN_BLOCKS), _MIN_SYMMETRIC_BLOCK))
     # Same number of blocks, as even as possible: less padding in the last one.
-    b1, b2 = _balanced(n1, b1), _balanced(n2, b2)
+    b1, b2 = balanced_block(n1, b1), balanced_block(n2, b2)
 
   # Check the kernel's output on one abstract tile before running anything.
   out = jax.eval_shape(kernel_fn, jax.ShapeDtypeStruct((b1,) + x1.shape[1:], x1.dtype),

@@ -52,6 +52,7 @@ import numpy as np
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
+from jconvrfm._src import tiling
 
 
 class Kind(enum.Enum):
@@ -567,11 +568,6 @@ _TILE_ELEMENTS = 1 << 19
 _TILE_ELEMENTS_ACCELERATOR = 1 << 26
 
 
-def _balanced(n: int, b: int) -> int:
-  blocks = -(-n // max(b, 1))
-  return -(-n // blocks)
-
-
 def tile_shape(n1: int, n2: int, positions: int,
                tile_elements: int = _TILE_ELEMENTS) -> Tuple[int, int]:
   """Tile `(b1, b2)` over kernel entries with `b1 * b2 * positions` about `tile_elements`.
@@ -583,10 +579,10 @@ def tile_shape(n1: int, n2: int, positions: int,
   """
   pairs = max(tile_elements // max(positions, 1), 1)
   if n2 <= 16 or pairs < 16:
-    b2 = _balanced(n2, min(n2, 16, pairs))
+    b2 = tiling.balanced_block(n2, min(n2, 16, pairs))
   else:
     b2 = min((32, 16), key=lambda b: (-(-n2 // b) * b, -b))
-  b1 = _balanced(n1, min(n1, max(pairs // b2, 1)))
+  b1 = tiling.balanced_block(n1, min(n1, max(pairs // b2, 1)))
   return b1, b2
 
 
