@@ -205,3 +205,32 @@ def test_binary_main_takes_jax_flags_and_fills_the_compilation_cache(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / 'run' / 'summary.json').exists()
   assert cache.is_dir() and any(cache.iterdir()), 'no compiled program was cached'
+
+
+@pytest.mark.parametrize('user_flags', ['', '--xla_cpu_prefer_vector_width=256'])
+def test_use_jax_flags_sets_cpu_vector_width_unless_the_user_did(user_flags):
+  """AVX-512 CPUs get 512-bit vectors; a user's own setting wins; the backend accepts it."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo), XLA_FLAGS=user_flags)
+  script = ('import os, experiments, jax.numpy as jnp\n'
+            'experiments.use_jax_flags()\n'
+            'print(float(jnp.sum(jnp.arange(4.0))))\n'
+            'print(os.environ["XLA_FLAGS"])\n')
+  out = subprocess.run([sys.executable, '-c', script], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  total, flags = out.stdout.strip().splitlines()[-2:]
+  assert float(total) == 6.0
+  try:
+    cpu_flags = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    cpu_flags = ''
+  avx512 = any(l.startswith('flags') and 'avx512f' in l.split() for l in cpu_flags.splitlines())
+  if user_flags:
+    assert flags == user_flags
+  else:
+    assert flags == ('--xla_cpu_prefer_vector_width=512' if avx512 else '')
