@@ -257,7 +257,8 @@ def _weighted_patches(px: jax.Array, alpha: jax.Array) -> jax.Array:
 
 
 def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, mpx: jax.Array,
-                        sqx: jax.Array, same: Optional[jax.Array], train_side: bool,
+                        sqx: jax.Array, alpha: jax.Array, coef: jax.Array,
+                        same: Optional[jax.Array], train_side: bool,
                         scratch: Tuple[jax.Array, ...]):
   """Reverse pass of `K(z_b, x_i)` over all (sample, train) pairs, in sample tiles.
 
@@ -274,17 +275,21 @@ def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, m
     pz: `(b, H', W', d)` untransformed sample patches, `sqz` `(b, H', W')` their squared
       M-norms.
     mpx: `(m, H', W', d)` training patches times `M`; `sqx` `(m, H', W')`.
+    alpha: `(m, classes)` coefficients of the training images.
+    coef: `(H', W', b, classes)` running `sum_i alpha_ic B_z[i]` of the samples, to which each
+      tile adds its own (contracted in the tile: one plain matmul over the training images,
+      which saves writing `B_z` to a block-sized buffer).
     same: None, or `(m, b)` bool, True where sample b IS training image i: there the Gram
       entry is set to exactly the squared norm (see `_v_from_grams`).
     train_side: also return the training images' self-Gram gradients.
-    scratch: 2 (3 if `train_side`) `(H', W', b, m)` buffers, overwritten entirely; passing
+    scratch: 1 (2 if `train_side`) `(H', W', b, m)` buffers, overwritten entirely; passing
       the previous call's results (donated) lets XLA write into memory it already holds, where
       fresh block-sized buffers cost a page fault per 4 KiB (about 2 M faults, a third of
       the system time, per 800-image AGOP on a 2-core CPU).
 
   Returns:
-    `A = dK/dgram` and `B_z = dK/dsq(z)`, `(H', W', b, m)` each, and `B_x = dK/dsq(x)` (same
-    shape) if `train_side`.
+    `A = dK/dgram` `(H', W', b, m)`, the updated `coef`, and `B_x = dK/dsq(x)` (same shape as
+    `A`) if `train_side`.
   """
   m, h, w, _ = mpx.shape
   b = pz.shape[0]
@@ -303,11 +308,12 @@ def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, m
       same_s = jax.lax.dynamic_slice_in_dim(same_t, start, tile_cols, axis=0)
       gram = jnp.where(same_s, sqz_s[..., None], gram)
     _, a, bz, bx = kernel.grads_spatial_leading(gram, sqz_s, sqx_t)
-    new = (a, bz, bx) if train_side else (a, bz)
+    coef_s = jax.lax.dynamic_slice_in_dim(bufs[1], start, tile_cols, axis=2)
+    new = (a, coef_s + jnp.matmul(bz, alpha)) + ((bx,) if train_side else ())
     return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=2)
                  for buf, x in zip(bufs, new))
 
-  return jax.lax.fori_loop(0, b // tile_cols, body, tuple(scratch))
+  return jax.lax.fori_loop(0, b // tile_cols, body, (scratch[0], coef) + tuple(scratch[1:]))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(9, 10, 11))
@@ -316,16 +322,16 @@ def _v_hand_written(kernel, tile_cols: int, px: jax.Array, mpx: jax.Array, sqx: 
                     u_acc: jax.Array, coef_acc: jax.Array, scratch: Tuple[jax.Array, ...]):
   """`_v_from_grams` for a kernel with a hand-written gradient (`grads_spatial_leading`).
 
-  Same arguments and results as `_v_from_grams`, plus two `(H', W', b, m)` `scratch` buffers
-  for the reverse pass (donated; returned for the next call, see `_hand_written_grads`).
+  Same arguments and results as `_v_from_grams`, plus a one-tuple of an `(H', W', b, m)`
+  `scratch` buffer for the reverse pass (donated; returned for the next call, see
+  `_hand_written_grads`).
   """
-  buf_a, buf_b = _hand_written_grads(kernel, tile_cols, pz, sqz, mpx, sqx, same, False,
-                                     scratch)
+  buf_a, coef = _hand_written_grads(kernel, tile_cols, pz, sqz, mpx, sqx, alpha, coef_acc,
+                                    same, False, scratch)
   # u[h, w, (c, e), b] = sum_i A[h, w, b, i] alpha_ic px[i, h, w, e]. Writing the result with
   # the samples minor ran 2x faster on a 2-core CPU than `matmul`'s (h, w, b, (c, e)).
   u = jnp.einsum('hwbm,hwmk->hwkb', buf_a, _weighted_patches(px, alpha))
-  coef = jnp.matmul(buf_b, alpha)
-  return u_acc + u, coef_acc + coef, (buf_a, buf_b)
+  return u_acc + u, coef, (buf_a,)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(9, 10, 11, 12, 13))
@@ -338,16 +344,15 @@ def _symmetric_pair(kernel, tile_cols: int, px_i: jax.Array, mpx_i: jax.Array,
   The training images are also the samples. One reverse pass over the pairs gives
   `A = dK/dgram` (shared by the two directions, the Gram being symmetric) and the self-Gram
   gradients of both sides, so block `J` gets its samples' contributions from training block
-  `I`, and block `I` gets them from `J`. `scratch`: three block-sized buffers for the reverse
+  `I`, and block `I` gets them from `J`. `scratch`: two block-sized buffers for the reverse
   pass (donated, returned for the next call; see `_hand_written_grads`).
   """
-  buf_a, buf_bz, buf_bx = _hand_written_grads(kernel, tile_cols, px_j, sqx_j, mpx_i, sqx_i,
-                                              None, True, scratch)
+  buf_a, coef_j, buf_bx = _hand_written_grads(kernel, tile_cols, px_j, sqx_j, mpx_i, sqx_i,
+                                              alpha_i, coef_j, None, True, scratch)
   u_j = u_j + jnp.einsum('hwbm,hwmk->hwkb', buf_a, _weighted_patches(px_i, alpha_i))
-  coef_j = coef_j + jnp.matmul(buf_bz, alpha_i)
   u_i = u_i + jnp.einsum('hwba,hwbk->hwka', buf_a, _weighted_patches(px_j, alpha_j))
   coef_i = coef_i + jnp.einsum('hwba,bc->hwac', buf_bx, alpha_j)
-  return u_i, coef_i, u_j, coef_j, (buf_a, buf_bz, buf_bx)
+  return u_i, coef_i, u_j, coef_j, (buf_a, buf_bx)
 
 
 def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> jax.Array:
@@ -372,14 +377,14 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> ja
   reported = 0
   eye = jnp.eye(block, dtype=bool)
   # Reverse-pass buffers, allocated once and handed from call to call (see _hand_written_grads).
-  scratch = tuple(jnp.zeros((h, w, block, block), px.dtype) for _ in range(3))
+  scratch = tuple(jnp.zeros((h, w, block, block), px.dtype) for _ in range(2))
   for k, (i, j) in enumerate(pairs):
     if i == j:
       # A diagonal block is the one-directional case with its own images as samples.
-      u[j], coef[j], two = _v_hand_written(
+      u[j], coef[j], one = _v_hand_written(
           kernel, tile_cols, px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]], px[sl[j]],
-          sqx[sl[j]], eye, u[j], coef[j], scratch[:2])
-      scratch = two + scratch[2:]
+          sqx[sl[j]], eye, u[j], coef[j], scratch[:1])
+      scratch = one + scratch[1:]
     else:
       u[i], coef[i], u[j], coef[j], scratch = _symmetric_pair(
           kernel, tile_cols, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
@@ -517,7 +522,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                               train_block or _SYMMETRIC_BLOCK, progress)
     return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (fused path)')
   if hand_written:   # reverse-pass buffers, handed from call to call (_hand_written_grads)
-    scratch = tuple(jnp.zeros((h, w, zb, tb), x_train.dtype) for _ in range(2))
+    scratch = (jnp.zeros((h, w, zb, tb), x_train.dtype),)
   for z0 in range(0, s_pad, zb):
     pz, sqz, zidx = pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb], idx[z0:z0 + zb]
     u = jnp.zeros((h, w, classes * d, zb), x_train.dtype)
