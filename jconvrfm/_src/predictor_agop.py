@@ -258,8 +258,7 @@ def _weighted_patches(px: jax.Array, alpha: jax.Array) -> jax.Array:
 
 def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, mpx: jax.Array,
                         sqx: jax.Array, alpha: jax.Array, coef: jax.Array,
-                        same: Optional[jax.Array], train_side: bool,
-                        scratch: Tuple[jax.Array, ...]):
+                        same: Optional[jax.Array], scratch: Tuple[jax.Array, ...]):
   """Reverse pass of `K(z_b, x_i)` over all (sample, train) pairs, in sample tiles.
 
   The (symmetric) kernel is evaluated with the samples as its first argument and the training
@@ -281,15 +280,15 @@ def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, m
       which saves writing `B_z` to a block-sized buffer).
     same: None, or `(m, b)` bool, True where sample b IS training image i: there the Gram
       entry is set to exactly the squared norm (see `_v_from_grams`).
-    train_side: also return the training images' self-Gram gradients.
-    scratch: 1 (2 if `train_side`) `(H', W', b, m)` buffers, overwritten entirely; passing
+    scratch: one `(H', W', b, m)` buffer, or two to also get the training images' self-Gram
+      gradients (`B_x`); overwritten entirely. Passing
       the previous call's results (donated) lets XLA write into memory it already holds, where
       fresh block-sized buffers cost a page fault per 4 KiB (about 2 M faults, a third of
       the system time, per 800-image AGOP on a 2-core CPU).
 
   Returns:
     `A = dK/dgram` `(H', W', b, m)`, the updated `coef`, and `B_x = dK/dsq(x)` (same shape as
-    `A`) if `train_side`.
+    `A`) if `scratch` has two buffers.
   """
   m, h, w, _ = mpx.shape
   b = pz.shape[0]
@@ -309,7 +308,7 @@ def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, m
       gram = jnp.where(same_s, sqz_s[..., None], gram)
     _, a, bz, bx = kernel.grads_spatial_leading(gram, sqz_s, sqx_t)
     coef_s = jax.lax.dynamic_slice_in_dim(bufs[1], start, tile_cols, axis=2)
-    new = (a, coef_s + jnp.matmul(bz, alpha)) + ((bx,) if train_side else ())
+    new = (a, coef_s + jnp.matmul(bz, alpha), bx)
     return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=2)
                  for buf, x in zip(bufs, new))
 
@@ -327,7 +326,7 @@ def _v_hand_written(kernel, tile_cols: int, px: jax.Array, mpx: jax.Array, sqx: 
   `_hand_written_grads`).
   """
   buf_a, coef = _hand_written_grads(kernel, tile_cols, pz, sqz, mpx, sqx, alpha, coef_acc,
-                                    same, False, scratch)
+                                    same, scratch)
   # u[h, w, (c, e), b] = sum_i A[h, w, b, i] alpha_ic px[i, h, w, e]. Writing the result with
   # the samples minor ran 2x faster on a 2-core CPU than `matmul`'s (h, w, b, (c, e)).
   u = jnp.einsum('hwbm,hwmk->hwkb', buf_a, _weighted_patches(px, alpha))
@@ -348,7 +347,7 @@ def _symmetric_pair(kernel, tile_cols: int, px_i: jax.Array, mpx_i: jax.Array,
   pass (donated, returned for the next call; see `_hand_written_grads`).
   """
   buf_a, coef_j, buf_bx = _hand_written_grads(kernel, tile_cols, px_j, sqx_j, mpx_i, sqx_i,
-                                              alpha_i, coef_j, None, True, scratch)
+                                              alpha_i, coef_j, None, scratch)
   u_j = u_j + jnp.einsum('hwbm,hwmk->hwkb', buf_a, _weighted_patches(px_i, alpha_i))
   u_i = u_i + jnp.einsum('hwba,hwbk->hwka', buf_a, _weighted_patches(px_j, alpha_j))
   coef_i = coef_i + jnp.einsum('hwba,bc->hwac', buf_bx, alpha_j)
