@@ -113,11 +113,15 @@ def test_refit_false_reproduces_the_fit_only_run():
   for a, b in zip(on.history, off.history):
     assert b.refit_alpha is None and a.refit_alpha is not None
     assert a.ridge == b.ridge
-    # Only the kernel tiling differs (fit block sliced from the fit + val matrix).
-    tolerances.assert_rel_fro(a.alpha, b.alpha, 1e-10, 'alpha')
-    tolerances.assert_rel_fro(a.metric, b.metric, 1e-10, 'metric')
+    # Only the kernel tiling differs (fit block sliced from the fit + val matrix), which
+    # changes float64 rounding of the kernel entries. The AGOP amplifies rounding: here
+    # v = u + 2 coef p cancels, and perturbing alpha by one ulp (relative 1e-16) moves the
+    # AGOP by 0.9-1.6e-10 (measured, any perturbation up to 1e-14), so metrics agree to about
+    # 1e-10 and later alphas to about 1e-10 times the ridge system's condition (~10).
+    tolerances.assert_rel_fro(a.alpha, b.alpha, 1e-9, 'alpha')
+    tolerances.assert_rel_fro(a.metric, b.metric, 1e-9, 'metric')
     if b.next_metric is not None:
-      tolerances.assert_rel_fro(a.next_metric, b.next_metric, 1e-10, 'next metric')
+      tolerances.assert_rel_fro(a.next_metric, b.next_metric, 1e-9, 'next metric')
     for split in ('train', 'val'):
       assert a.scores[split] == pytest.approx(b.scores[split], rel=1e-9)
     assert a.scores['test_fit_only'] == pytest.approx(b.scores['test'], rel=1e-9)

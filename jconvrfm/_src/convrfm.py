@@ -233,22 +233,30 @@ class _FusedTile:
                                    self.kind)
 
 
-def _kernel_fn(state: ConvRFMState, metric: Optional[jax.Array]):
+def _kernel_fn(state: ConvRFMState, metric: jax.Array):
   """`(kernel_fn, kernel_args)`: `kernel_fn(x1 block, x2 block, *kernel_args) -> (b1, b2)` for
-  this state's kernel with patch metric `metric` (None: the identity)."""
+  this state's kernel with patch metric `metric` `(d, d)`.
+
+  The fused kernel takes the metric as a traced argument in every round, the identity of
+  round 0 included (`fused.metric_argument`: for patch dimensions up to 64), so that all
+  rounds share one compiled tile program, one memory probe and one diagonal program: on a
+  2-core CPU a separate identity-metric program cost about 3 s of compilation per run. A
+  stax kernel skips the transform when `metric` is the identity.
+  """
   cfg = state.config
   pad = checks.canonical_padding(cfg.padding)
   kind = fused.canonical_kind(cfg.kind)
   if state.stax_kernel_fn is not None:
     on_patches = _StaxOnPatches(state.stax_kernel_fn, cfg.patch_size, kind.value)
-    root = None if metric is None else cnfa.sqrt_psd(metric)   # concrete, outside any jit
+    identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
+    root = None if identity else cnfa.sqrt_psd(metric)   # concrete, outside any jit
 
     def transformed(x):
       p = patches_lib.patches(x, cfg.patch_size, padding=pad)
       return p if root is None else p @ root
 
     return (lambda a, b: on_patches(transformed(a), transformed(b))), ()
-  return _FusedTile(cfg.depth, cfg.patch_size, pad, kind), (metric,)
+  return _FusedTile(cfg.depth, cfg.patch_size, pad, kind), (fused.metric_argument(metric),)
 
 
 def _predictor_agop(state: ConvRFMState, alpha, z_indices, metric, progress=None):
@@ -478,8 +486,7 @@ def convrfm_step(state: ConvRFMState,
     raise ValueError(f'The run has finished all {cfg.rounds} rounds.')
   t = len(state.history)
   metric = state.next_metric
-  identity = t == 0 or bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
-  kfn = _kernel_fn(state, None if identity else metric)
+  kfn = _kernel_fn(state, metric)
 
   # Kernel matrices. Without refit: (fit, fit) and (val + test, fit), one tiled pass each.
   # With refit: (fit + val, fit + val) (upper tiles only) and (test, fit + val); the fit-only
@@ -492,7 +499,7 @@ def convrfm_step(state: ConvRFMState,
   if state.stax_kernel_fn is None:
     # Exact diagonal K(x, x) (angle exactly 0 at every layer), as `conv_ntk(x)` gives it; the
     # tiles compute it through the arccos kink at cos t = 1 (~1e-4 relative in float32).
-    diag = fused.fused_self_kernel(x_train, None if identity else metric, cfg.depth,
+    diag = fused.fused_self_kernel(x_train, fused.metric_argument(metric), cfg.depth,
                                    cfg.patch_size, checks.canonical_padding(cfg.padding),
                                    fused.canonical_kind(cfg.kind))
     n_train = k_train.shape[0]
@@ -579,7 +586,7 @@ def convrfm_step(state: ConvRFMState,
         progress('agop', done[0], s)
 
     start = time.perf_counter()
-    agop = _predictor_agop(state, sol.alpha / scale, idx, None if identity else metric, cb)
+    agop = _predictor_agop(state, sol.alpha / scale, idx, metric, cb)
     next_metric = metric_from_agop(agop, power=cfg.power, keep_fraction=cfg.keep_fraction)
     jax.block_until_ready(next_metric)
     t_agop = time.perf_counter() - start
@@ -690,8 +697,6 @@ def convrfm_predict(state: ConvRFMState, x: jax.Array,
   if alpha.shape[0] != centres.shape[0]:
     raise ValueError(f'`record` has {alpha.shape[0]} coefficients per class but the state has '
                      f'{centres.shape[0]} centre images.')
-  metric = rec.metric
-  identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
-  kfn = _kernel_fn(state, None if identity else metric)
+  kfn = _kernel_fn(state, rec.metric)
   k = _tiled(kfn, x, centres, state.config.kernel_block_size, 'prediction')
   return (k / rec.kernel_scale) @ alpha

@@ -600,6 +600,21 @@ def _pad_batch(x: jax.Array, multiple: int) -> jax.Array:
 _MAX_PRECOMPUTED_PATCH_DIM = 64
 
 
+def metric_argument(metric: jax.Array) -> Optional[jax.Array]:
+  """The `metric` argument for `fused_conv_kernel` / `fused_self_kernel` in a metric loop.
+
+  Returns `metric` itself, the identity included, for patch dimensions up to 64: the metric
+  path then precomputes every image's patches once, costs about what the identity path does,
+  and one compiled program serves every metric (ConvRFM's round 0 and later rounds). For
+  larger patch dimensions (deep layers with many channels) an exact identity returns None,
+  the identity path, which avoids `d x d` products per patch.
+  """
+  if metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM:
+    return metric
+  identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
+  return None if identity else metric
+
+
 def _fused_block(x1, x2, metric, depth, q, padding, kind):
   g12, g1, g2 = _grams_internal(x1, x2, metric, q, padding)
   return _kernel_from_grams_internal(g12, g1, g2, depth, q, padding, x1.shape[-1], kind)
