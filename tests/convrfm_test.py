@@ -1,5 +1,6 @@
 """Tests for jconvrfm._src.convrfm (ConvRFM fit / step / predict)."""
 
+import logging
 import math
 
 import jax
@@ -217,6 +218,24 @@ def test_steps_resume_and_predict():
   assert pred.shape == (6, 3)
   acc = float(np.mean(np.asarray(pred).argmax(1) == yt))
   assert acc == best.scores['test']['acc']
+
+
+def test_rounds_share_one_compiled_tile_program(caplog):
+  # Round 0 (M = I) and round 1 (learned M) must run the same compiled kernel programs: the
+  # metric is a traced argument, never a reason to recompile. Fresh shapes (11 x 11 images)
+  # so that no earlier test has compiled them.
+  x, y = _data(30, 16, size=11)
+  xt, yt = _data(31, 4, size=11)
+  state = crfm.convrfm_init(x, y, config=CFG._replace(ridges=(1e-3,)), x_test=xt, y_test=yt)
+  counts = []
+  for _ in range(2):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+      state = crfm.convrfm_step(state)
+    counts.append(sum('jit(per_device)' in r.getMessage() and 'Finished XLA compilation'
+                      in r.getMessage() for r in caplog.records))
+  assert counts[0] >= 1, 'round 0 compiled no tile program: the log format changed'
+  assert counts[1] == 0, f'round 1 recompiled {counts[1]} tile program(s)'
 
 
 def test_validation_split_is_seeded_and_disjoint():

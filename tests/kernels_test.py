@@ -121,6 +121,23 @@ def test_x2_none_and_tiling_and_identity_metric():
   tolerances.assert_rel_fro(tiled, whole, 1e-14, 'tiles')
 
 
+def test_metric_argument_keeps_small_identities_and_drops_large_ones():
+  # Small patch dimension: the metric itself, identity included (one program for all rounds).
+  eye = jnp.eye(18)
+  assert fused.metric_argument(eye) is eye
+  # Large patch dimension: None (the cheap identity path) only for an exact identity.
+  big = jnp.eye(9 * 8)
+  assert fused.metric_argument(big) is None
+  bent = big.at[0, 0].set(2.0)
+  assert fused.metric_argument(bent) is bent
+  # Either way the kernel is the same: the identity path against the metric path.
+  rng = np.random.default_rng(3)
+  x, y = _images(rng, 3, 6, 6, 8), _images(rng, 2, 6, 6, 8)
+  kw = dict(depth=2, patch_size=3, padding='VALID')
+  tolerances.assert_rel_fro(jconvrfm.conv_ntk(x, y, metric=big, **kw),
+                            jconvrfm.conv_ntk(x, y, **kw), 1e-12, 'M=I, d=72')
+
+
 def test_grams_and_recursion_compose_to_conv_ntk():
   rng = np.random.default_rng(9)
   x1, x2 = _images(rng, 3, 8, 8, 2), _images(rng, 2, 8, 8, 2)
