@@ -138,6 +138,38 @@ def test_metric_argument_keeps_small_identities_and_drops_large_ones():
                             jconvrfm.conv_ntk(x, y, **kw), 1e-12, 'M=I, d=72')
 
 
+def test_large_patch_dimension_precomputed_patches_equal_per_tile_patches(monkeypatch):
+  # d = 72 > 64: under the byte bound the metric path forms every image's patches once per
+  # call; with the bound at 0 it forms them in every tile. Same kernel (float64, tiled).
+  rng = np.random.default_rng(4)
+  x1, x2 = _images(rng, 7, 8, 8, 8), _images(rng, 5, 8, 8, 8)
+  a = rng.normal(size=(72, 72))
+  metric = jnp.asarray(a @ a.T / 72)
+  raw = fused.fused_conv_kernel.__wrapped__
+
+  def kernel():
+    # A fresh jit each time: the byte bound is read while tracing.
+    fn = jax.jit(lambda u, v, m: raw(u, v, m, 2, 3, jconvrfm.Padding.VALID, fused.Kind.NTK,
+                                     tile=(3, 2)))
+    return fn(x1, x2, metric)
+
+  assert fused._precomputes_patches(7, 5, 36, 72, 8)
+  once = kernel()
+  monkeypatch.setattr(fused, '_MAX_PRECOMPUTED_BYTES', 0)
+  assert not fused._precomputes_patches(7, 5, 36, 72, 8)
+  per_tile = kernel()
+  tolerances.assert_rel_fro(once, per_tile, 1e-12, 'precomputed vs per-tile patches')
+  # Independent Grams: explicit patches and numpy einsums, then the public recursion.
+  p1, p2 = (np.asarray(jconvrfm.patches(x, 3)) for x in (x1, x2))
+  m = np.asarray(metric)
+  reference = fused.conv_kernel_from_grams(
+      jnp.asarray(np.einsum('ahwd,de,bhwe->abhw', p1, m, p2)),
+      jnp.asarray(np.einsum('ahwd,de,ahwe->ahw', p1, m, p1)),
+      jnp.asarray(np.einsum('bhwd,de,bhwe->bhw', p2, m, p2)),
+      depth=2, patch_size=3, padding='VALID', channels=8)
+  tolerances.assert_rel_fro(once, reference, 1e-12, 'against explicit Grams')
+
+
 def test_grams_and_recursion_compose_to_conv_ntk():
   rng = np.random.default_rng(9)
   x1, x2 = _images(rng, 3, 8, 8, 2), _images(rng, 2, 8, 8, 2)
