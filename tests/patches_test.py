@@ -144,3 +144,22 @@ def test_padding_allows_patch_larger_than_image(padding):
   x = np.random.default_rng(1).normal(size=(1, 2, 3, 1))
   got = jconvrfm.patches(jnp.asarray(x), 5, padding=padding)
   np.testing.assert_array_equal(got, brute_force_patches(x, 5, 1, padding))
+
+
+@pytest.mark.parametrize('padding,stride,q', [('VALID', 1, 11), ('SAME', 2, 4),
+                                              ('CIRCULAR', 3, 5)])
+def test_gather_forward_and_slice_derivatives_agree(padding, stride, q):
+  # `_patches` evaluates by one gather and differentiates through strided slices: both must
+  # give exactly the same patches, and every derivative must be that of the slices.
+  rng = np.random.default_rng(q)
+  x = jnp.asarray(rng.normal(size=(2, 13, 12, 3)))
+  pad = patches_lib.checks.canonical_padding(padding)
+  by_slices = patches_lib._patches_by_slices(x, q, stride, pad)
+  np.testing.assert_array_equal(patches_lib._patches(x, q, stride, pad), by_slices)
+  np.testing.assert_array_equal(patches_lib._patches_by_gather(x, q, stride, pad), by_slices)
+  w = jnp.asarray(rng.normal(size=by_slices.shape))
+  loss = lambda fn: (lambda x: jnp.sum(w * jnp.sin(fn(x, q, stride, pad))))
+  tolerances.assert_rel_fro(jax.grad(loss(patches_lib._patches))(x),
+                            jax.grad(loss(patches_lib._patches_by_slices))(x), 1e-14, 'grad')
+  _, tangent = jax.jvp(lambda x: patches_lib._patches(x, q, stride, pad), (x,), (x,))
+  np.testing.assert_array_equal(tangent, by_slices)

@@ -20,6 +20,7 @@ from typing import Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jconvrfm._src import checks
 
@@ -58,20 +59,24 @@ def output_shape(height: int, width: int, patch_size: int, stride: int = 1,
           padding_amounts(width, patch_size, stride, padding)[2])
 
 
-@functools.partial(jax.jit, static_argnames=('patch_size', 'stride', 'padding'))
-def _patches(x: jax.Array, patch_size: int, stride: int,
-             padding: checks.Padding) -> jax.Array:
-  """Unchecked patch extraction; see `patches`."""
+def _pad_for_patches(x, q, stride, padding):
+  """`(x padded like the conv, H', W')`."""
   _, height, width, _ = x.shape
-  q = patch_size
   top, bottom, out_h = padding_amounts(height, q, stride, padding)
   left, right, out_w = padding_amounts(width, q, stride, padding)
   if padding != checks.Padding.VALID:
     mode = 'wrap' if padding == checks.Padding.CIRCULAR else 'constant'
     x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), mode=mode)
-  # One strided slice per offset (u, v): no FLOPs, only data movement, and the offsets come
-  # out in the (u, v, ch) order of a Flax kernel (conv_general_dilated_patches would give the
-  # channel-major order (ch, u, v) and cost a d x d identity convolution).
+  return x, out_h, out_w
+
+
+def _patches_by_slices(x, q, stride, padding):
+  """One strided slice per offset (u, v): data movement only, (u, v, ch) order.
+
+  Its transpose (pad and add) is the fast reverse pass; compiling it costs about 0.015 s per
+  offset, so 1.4-1.9 s for q = 11 (121 offsets) on a 2-core CPU.
+  """
+  x, out_h, out_w = _pad_for_patches(x, q, stride, padding)
   span_h = (out_h - 1) * stride + 1
   span_w = (out_w - 1) * stride + 1
   rows = []
@@ -80,6 +85,50 @@ def _patches(x: jax.Array, patch_size: int, stride: int,
     rows.append(jnp.stack(cols, axis=3))  # (n, H', W', q, c)
   p = jnp.stack(rows, axis=3)  # (n, H', W', q, q, c)
   return p.reshape(p.shape[:3] + (-1,))
+
+
+def _patches_by_gather(x, q, stride, padding):
+  """The same patches as one gather with precomputed (in-bounds) indices.
+
+  One XLA op whatever q: for q = 11 on 1000 32 x 32 x 3 images it compiled in 0.1 s and ran in
+  0.3 s, against 1.9 s and 0.8 s for the slices (2-core CPU). Its transpose is a scatter-add,
+  3-5x slower than the slices' one, hence the `custom_jvp` of `_patches`.
+  """
+  x, out_h, out_w = _pad_for_patches(x, q, stride, padding)
+  n, height, width, c = x.shape
+  rows = (np.arange(out_h) * stride)[:, None, None, None, None] + np.arange(q)[:, None, None]
+  cols = (np.arange(out_w) * stride)[None, :, None, None, None] + np.arange(q)[:, None]
+  index = (rows * width + cols) * c + np.arange(c)          # (H', W', q, q, c)
+  flat = jnp.take(x.reshape(n, height * width * c), jnp.asarray(index.reshape(-1), jnp.int32),
+                  axis=1, mode='clip', indices_are_sorted=False, unique_indices=False)
+  return flat.reshape(n, out_h, out_w, q * q * c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _patches_impl(x, patch_size, stride, padding):
+  return _patches_by_gather(x, patch_size, stride, padding)
+
+
+@_patches_impl.defjvp
+def _patches_impl_jvp(patch_size, stride, padding, primals, tangents):
+  # The map is linear: the tangent is the patches of the tangent, taken by slices so that
+  # reverse mode transposes slices (pad and add) rather than the gather (a scatter-add).
+  (x,), (dx,) = primals, tangents
+  return (_patches_by_gather(x, patch_size, stride, padding),
+          _patches_by_slices(dx, patch_size, stride, padding))
+
+
+@functools.partial(jax.jit, static_argnames=('patch_size', 'stride', 'padding'))
+def _patches(x: jax.Array, patch_size: int, stride: int,
+             padding: checks.Padding) -> jax.Array:
+  """Unchecked patch extraction; see `patches`.
+
+  Forward by one gather (fast to compile for large q), derivatives through strided slices
+  (fast reverse pass); both give exactly the same patches, in the (u, v, ch) order of a Flax
+  kernel (`conv_general_dilated_patches` would give the channel-major order (ch, u, v) and
+  cost a d x d identity convolution).
+  """
+  return _patches_impl(x, patch_size, stride, padding)
 
 
 def patches(x: jax.Array,
