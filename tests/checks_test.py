@@ -67,3 +67,9 @@ def test_value_checks_work_on_arrays_closed_over_inside_jit():
 
   with pytest.raises(ValueError, match='`metric` contains 1 NaN'):
     g(jnp.ones(3))
+
+
+def test_is_identity_is_exact():
+  assert checks.is_identity(jnp.eye(4))
+  assert not checks.is_identity(jnp.eye(4).at[1, 2].set(1e-30))
+  assert not checks.is_identity(2 * jnp.eye(4))

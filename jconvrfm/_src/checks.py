@@ -56,6 +56,11 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def is_identity(m: jax.Array) -> bool:
+  """Whether the concrete square matrix `m` is exactly the identity."""
+  return bool(jnp.all(m == jnp.eye(m.shape[0], dtype=m.dtype)))
+
+
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
   """Returns `value` as an int, raising if it is not an integer >= `minimum`."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

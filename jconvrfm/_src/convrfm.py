@@ -248,8 +248,7 @@ def _kernel_fn(state: ConvRFMState, metric: jax.Array):
   kind = fused.canonical_kind(cfg.kind)
   if state.stax_kernel_fn is not None:
     on_patches = _StaxOnPatches(state.stax_kernel_fn, cfg.patch_size, kind.value)
-    identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
-    root = None if identity else cnfa.sqrt_psd(metric)   # concrete, outside any jit
+    root = None if checks.is_identity(metric) else cnfa.sqrt_psd(metric)   # concrete
 
     def transformed(x):
       p = patches_lib.patches(x, cfg.patch_size, padding=pad)

@@ -100,7 +100,7 @@ def _patches_by_gather(x, q, stride, padding):
   cols = (np.arange(out_w) * stride)[None, :, None, None, None] + np.arange(q)[:, None]
   index = (rows * width + cols) * c + np.arange(c)          # (H', W', q, q, c)
   flat = jnp.take(x.reshape(n, height * width * c), jnp.asarray(index.reshape(-1), jnp.int32),
-                  axis=1, mode='clip', indices_are_sorted=False, unique_indices=False)
+                  axis=1, mode='clip')
   return flat.reshape(n, out_h, out_w, q * q * c)
 
 

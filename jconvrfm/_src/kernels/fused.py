@@ -621,10 +621,9 @@ def metric_argument(metric: jax.Array) -> Optional[jax.Array]:
   larger patch dimensions (deep layers with many channels) an exact identity returns None,
   the identity path, which avoids `d x d` products per patch.
   """
-  if metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM:
+  if metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM or not checks.is_identity(metric):
     return metric
-  identity = bool(jnp.all(metric == jnp.eye(metric.shape[0], dtype=metric.dtype)))
-  return None if identity else metric
+  return None
 
 
 def _fused_block(x1, x2, metric, depth, q, padding, kind):
