@@ -66,6 +66,41 @@ def test_mnist_first_training_images_are_in_idx_file(mnist_tfds, mnist_dir):
   assert tail.images.shape == (100, 28, 28, 1)
 
 
+def test_reading_a_prepared_split_imports_no_tensorflow(mnist_tfds):
+  # Preparation (the fixture) needed TensorFlow; reading the array_record files must not.
+  if not list(pathlib.Path(mnist_tfds).glob('mnist/3.0.1/*.array_record*')):
+    pytest.skip(f'{mnist_tfds} holds MNIST in another format (JCONVRFM_TFDS_CACHE)')
+  code = ('import sys; from jconvrfm import data; '
+          f'ds = data.load_tfds("mnist", "test[:30]+train[:20]", data_dir={str(mnist_tfds)!r}); '
+          'assert ds.images.shape == (50, 28, 28, 1), ds.images.shape; '
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parent.parent)
+
+
+def test_tfrecord_data_dir_reads_the_same_examples(mnist_tfds, mnist_dir, tmp_path):
+  # A data_dir prepared in the TFRecord format (as before array_record) is read through
+  # tf.data, and gives the same images in the same order as the array_record path.
+  tfds = tfds_io.import_tfds()
+  builder = tfds.builder('mnist:3.0.1', data_dir=str(tmp_path), file_format='tfrecord')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(mnist_dir)))
+  for split in ('train[:40]', 'test[95%:]'):
+    old = data.load_tfds('mnist', split, data_dir=tmp_path)
+    new = data.load_tfds('mnist', split, data_dir=mnist_tfds)
+    np.testing.assert_array_equal(old.images, new.images)
+    np.testing.assert_array_equal(old.labels, new.labels)
+  # A '+' split: the array_record path concatenates its parts in order; tf.data interleaves
+  # them (blocks of 16), so there the same examples come in another order.
+  old = data.load_tfds('mnist', 'train[:40]+test[95%:]', data_dir=tmp_path)
+  new = data.load_tfds('mnist', 'train[:40]+test[95%:]', data_dir=mnist_tfds)
+  parts = [data.load_tfds('mnist', p, data_dir=mnist_tfds) for p in ('train[:40]', 'test[95%:]')]
+  np.testing.assert_array_equal(new.images, np.concatenate([p.images for p in parts]))
+  np.testing.assert_array_equal(new.labels, np.concatenate([p.labels for p in parts]))
+  key = lambda ds: sorted(x.tobytes() + bytes([y]) for x, y in zip(ds.images, ds.labels))
+  assert old.images.shape == (540, 28, 28, 1) and key(old) == key(new)
+
+
 def test_tfds_versions_and_errors(mnist_tfds):
   assert tfds_io._versioned_name('mnist', None) == 'mnist:3.0.1'
   assert tfds_io._versioned_name('cifar10', None) == 'cifar10:3.0.2'
