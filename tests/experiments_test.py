@@ -208,14 +208,15 @@ def test_binary_main_takes_jax_flags_and_fills_the_compilation_cache(tmp_path):
 
 
 @pytest.mark.parametrize('user_flags', ['', '--xla_cpu_prefer_vector_width=256'])
-def test_use_jax_flags_sets_cpu_vector_width_unless_the_user_did(user_flags):
+def test_use_jax_flags_sets_cpu_vector_width_unless_the_user_did(user_flags, tmp_path):
   """AVX-512 CPUs get 512-bit vectors; a user's own setting wins; the backend accepts it."""
   import os  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, PYTHONPATH=str(repo), XLA_FLAGS=user_flags)
+  env = dict(os.environ, PYTHONPATH=str(repo), XLA_FLAGS=user_flags,
+             XDG_CACHE_HOME=str(tmp_path / 'xdg'))
   script = ('import os, experiments, jax.numpy as jnp\n'
             'experiments.use_jax_flags()\n'
             'print(float(jnp.sum(jnp.arange(4.0))))\n'
@@ -234,3 +235,27 @@ def test_use_jax_flags_sets_cpu_vector_width_unless_the_user_did(user_flags):
     assert flags == user_flags
   else:
     assert flags == ('--xla_cpu_prefer_vector_width=512' if avx512 else '')
+
+
+@pytest.mark.parametrize('disable', [False, True])
+def test_binaries_cache_compiled_programs_by_default(tmp_path, disable):
+  """Without cache flags a binary fills `$XDG_CACHE_HOME/jconvrfm/jax`; the jax flag turns it off."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update(PYTHONPATH=str(repo), XDG_CACHE_HOME=str(tmp_path / 'xdg'))
+  extra = ['--nojax_enable_compilation_cache'] if disable else []
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.convrfm', f'--workdir={tmp_path / "run"}', *TINY,
+       *extra], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  cache = tmp_path / 'xdg' / 'jconvrfm' / 'jax'
+  entries = list(cache.iterdir()) if cache.is_dir() else []
+  if disable:
+    assert not entries
+  else:
+    # Every program is cached (minimum compile time 0), the small eager ones included.
+    assert len(entries) > 20, len(entries)
