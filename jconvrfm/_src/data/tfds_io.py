@@ -70,7 +70,11 @@ def _read_array_record(builder, split: str, what: str):
     available = {k: v.num_examples for k, v in builder.info.splits.items()}
     raise ValueError(f'`split`: cannot read {split!r} of {what}; available splits: '
                      f'{available}.') from e
-  image_key, label_key = builder.info.supervised_keys
+  keys = builder.info.supervised_keys
+  if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+    raise ValueError(f'{what}: not an image classification dataset (its supervised keys are '
+                     f'{keys!r}, expected (image, label)).')
+  image_key, label_key = keys
   examples = source.__getitems__(range(len(source)))
   if not examples:
     raise ValueError(f'{what}: the split is empty.')
