@@ -524,3 +524,19 @@ def test_import_does_not_import_tensorflow():
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0
+
+
+def test_tfds_without_supervised_keys_is_refused():
+  # A stand-in builder: `_read_array_record` must refuse before reading anything.
+  class _Info:
+    supervised_keys = None
+    splits = {}
+
+  class _Builder:
+    info = _Info()
+
+    def as_data_source(self, split):
+      return [{'text': 'a'}]
+
+  with pytest.raises(ValueError, match='supervised keys'):
+    tfds_io._read_array_record(_Builder(), 'train', 'tfds stand-in')
