@@ -536,7 +536,7 @@ def test_tfds_without_supervised_keys_is_refused():
     info = _Info()
 
     def as_data_source(self, split):
-      return [{'text': 'a'}]
+      raise AssertionError('read before the supervised keys were checked')
 
   with pytest.raises(ValueError, match='supervised keys'):
     tfds_io._read_array_record(_Builder(), 'train', 'tfds stand-in')

@@ -64,17 +64,17 @@ def _to_dataset(images, labels, num_classes, what) -> arrays.Dataset:
 
 def _read_array_record(builder, split: str, what: str):
   """`(images, labels)` of a split prepared as array_record, decoded without TensorFlow."""
+  keys = builder.info.supervised_keys
+  if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+    raise ValueError(f'{what}: not an image classification dataset (its supervised keys are '
+                     f'{keys!r}, expected (image, label)).')
+  image_key, label_key = keys
   try:
     source = builder.as_data_source(split=split)
   except (ValueError, KeyError, AssertionError) as e:
     available = {k: v.num_examples for k, v in builder.info.splits.items()}
     raise ValueError(f'`split`: cannot read {split!r} of {what}; available splits: '
                      f'{available}.') from e
-  keys = builder.info.supervised_keys
-  if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-    raise ValueError(f'{what}: not an image classification dataset (its supervised keys are '
-                     f'{keys!r}, expected (image, label)).')
-  image_key, label_key = keys
   examples = source.__getitems__(range(len(source)))
   if not examples:
     raise ValueError(f'{what}: the split is empty.')
@@ -150,9 +150,8 @@ def load_tfds(name: str, split: str, *, data_dir: Optional[PathLike] = None,
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     images, labels = _read_array_record(builder, split, what)
   else:   # prepared earlier as TFRecord: only tf.data reads it
-    tfds = import_tfds()
-    ds = tfds.load(full_name, split=split, data_dir=data_dir, batch_size=-1,
-                   as_supervised=True)
+    tfds = import_tfds()   # TensorFlow, accelerators hidden, before tf.data starts
+    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
     images, labels = tfds.as_numpy(ds)
   return _to_dataset(images, labels, num_classes, what)
 
