@@ -23,6 +23,9 @@ CIFAR-10 JPEG test images split into 2000 train / 1000 test with a fixed seed:
     --dataset=folder:../shared/data/cifar10_jpeg --train_split=test --test_split=test \
     --n_train=2000 --n_test=1000 --q=3 --depth=3 --rounds=3 --width=64
 
+The filter-seed study of WORKSPACE.md is that run (with its flags there) for `--filter_seed=0`
+to `7`, the images fixed by `--seed=0`.
+
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
   convolutional neural networks. arXiv:2309.00570, 2023.
@@ -58,6 +61,10 @@ def define_flags(flag_values=FLAGS):
               'Nonlinearity after each featurisation.')
   define.enum('filter_metric', 'learned', list(deep.FILTER_METRICS),
               'Covariance of the random filters: the learned M, or (ablation) the identity.')
+  define.integer('filter_seed', -1,
+                 'Seed of the random filters (-1: --seed, which also draws the data, splits and '
+                 'AGOP samples). With --seed fixed, runs that differ only in --filter_seed share '
+                 'the images and layer 0 and show how much the result depends on the filter draw.')
   define.integer('final_rounds', -1,
                  'ConvRFM rounds of the final kernel on the learned features (-1: --rounds; '
                  '1: plain CNTK ridge regression on them).')
@@ -67,7 +74,8 @@ def config_from_flags(values) -> deep.DeepConvRFMConfig:
   return deep.DeepConvRFMConfig(
       convrfm=exp.config_from_flags(values), layers=None if values.layers < 0 else values.layers,
       width=values.width, sampler=values.sampler, nonlinearity=values.nonlinearity,
-      filter_metric=values.filter_metric, seed=values.seed)
+      filter_metric=values.filter_metric,
+      seed=values.seed if values.filter_seed < 0 else values.filter_seed)
 
 
 def run(values) -> Dict[str, Any]:
@@ -84,6 +92,9 @@ def run(values) -> Dict[str, Any]:
   # Validates the data and carves the selection split once (before the workdir is touched).
   init = crfm.convrfm_init(train.images, train.labels, config=base._replace(depth=1),
                            num_classes=train.num_classes, **kw)
+  if values.filter_seed < -1:
+    raise ValueError(f'--filter_seed must be -1 (use --seed) or a seed >= 0, got '
+                     f'{values.filter_seed}.')
   if values.final_rounds == 0 or values.final_rounds < -1:
     raise ValueError(f'--final_rounds must be -1 or a positive integer, got '
                      f'{values.final_rounds}.')
@@ -91,6 +102,9 @@ def run(values) -> Dict[str, Any]:
                   final_rounds=values.final_rounds,
                   width=config.width, sampler=config.sampler,
                   nonlinearity=config.nonlinearity, filter_metric=config.filter_metric)
+  if values.filter_seed >= 0:
+    # Only when given, so that workdirs written before this flag existed still resume.
+    cfg_dict['filter_seed'] = values.filter_seed
   logging.info('Writing to %s.', workdir)
   path = exp.prepare_workdir(workdir, cfg_dict)
   feats = {'fit': init.x_fit, 'val': init.x_val, 'test': init.x_test}

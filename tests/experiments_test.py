@@ -10,6 +10,9 @@ from experiments import convrfm as exp
 from experiments import deep_convrfm as deep_exp
 from jconvrfm._src import convrfm as crfm
 
+# Small enough to run in seconds, large enough that accuracies differ between seeds and rounds.
+SEEDS_TASK = ['--dataset=bars', '--n_train=40', '--n_test=40', '--q=5', '--depth=1', '--rounds=2',
+              '--val_fraction=0.25', '--ridges=1e-6,1e-2']
 TINY = ['--dataset=bars', '--n_train=16', '--n_test=8', '--q=3', '--depth=1', '--rounds=2',
         '--val_fraction=0.25', '--ridges=1e-6,1e-2']
 
@@ -189,6 +192,44 @@ def test_deep_convrfm_final_rounds(tmp_path):
   assert not (tmp_path / 'bad').exists()
 
 
+def test_deep_convrfm_filter_seed_keeps_data_and_layer0_and_redraws_the_filters(tmp_path):
+  from jconvrfm._src import deep_convrfm as deep  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  argv = ['--dataset=bars', '--n_train=16', '--n_test=8', '--q=3', '--depth=2', '--rounds=2',
+          '--final_rounds=1', '--val_fraction=0.25', '--ridges=1e-6,1e-2', '--width=4',
+          '--nonlinearity=relu']
+  runs = {}
+  for name, extra in (('default', []), ('fs0', ['--filter_seed=0']), ('fs1', ['--filter_seed=1'])):
+    workdir = tmp_path / name
+    runs[name] = deep_exp.run(_values(deep_exp.define_flags, argv + extra +
+                                      [f'--workdir={workdir}']))
+    runs[name + '_lines'] = [json.loads(l) for l in
+                             (workdir / 'metrics.jsonl').read_text().splitlines()]
+    runs[name + '_filters'] = np.load(workdir / 'layer0_filters.npy')
+    runs[name + '_config'] = json.loads((workdir / 'config.json').read_text())
+  drop = lambda l: {k: v for k, v in l.items() if k not in ('seconds', 'peak_rss_mb')}
+  layer0 = lambda name: [drop(l) for l in runs[name + '_lines'] if l['layer'] == 0]
+  # --filter_seed=0 is the default run (--seed=0); its config records the flag.
+  np.testing.assert_array_equal(runs['fs0_filters'], runs['default_filters'])
+  assert runs['fs0']['deep_convrfm_test_acc'] == runs['default']['deep_convrfm_test_acc']
+  assert 'filter_seed' not in runs['default_config']
+  assert runs['fs0_config']['filter_seed'] == 0
+  # --filter_seed=1: the same images and layer 0, filters drawn with PRNGKey(1)'s first split.
+  assert layer0('fs1') == layer0('default')
+  metric = np.load(tmp_path / 'fs1' / 'layer0_metric.npy')
+  expected = deep.sample_filters(jax.numpy.asarray(metric), 4,
+                                 jax.random.split(jax.random.PRNGKey(1))[1], patch_size=3,
+                                 channels=1)
+  np.testing.assert_allclose(runs['fs1_filters'], np.asarray(expected), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(runs['fs1_filters'], runs['default_filters'])
+  with pytest.raises(ValueError, match='different configuration'):
+    deep_exp.run(_values(deep_exp.define_flags, argv + [f'--workdir={tmp_path / "fs1"}']))
+  with pytest.raises(ValueError, match='--filter_seed must be'):
+    deep_exp.run(_values(deep_exp.define_flags,
+                         argv + ['--filter_seed=-2', f'--workdir={tmp_path / "bad"}']))
+  assert not (tmp_path / 'bad').exists()
+
+
 def test_binary_main_takes_jax_flags_and_fills_the_compilation_cache(tmp_path):
   """`python -m experiments.convrfm` accepts jax's options as flags (`config_with_absl`)."""
   import os  # pylint: disable=g-import-not-at-top
@@ -259,3 +300,78 @@ def test_binaries_cache_compiled_programs_by_default(tmp_path, disable):
   else:
     # Every program is cached (minimum compile time 0), the small eager ones included.
     assert len(entries) > 20, len(entries)
+
+
+def test_convrfm_seeds_matches_single_runs_summarises_and_resumes(tmp_path, monkeypatch):
+  from experiments import convrfm_seeds as seeds_exp  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'seeds'
+  argv = SEEDS_TASK + [f'--workdir={workdir}', '--seeds=0-2', '--protocols=default,reference',
+                       '--min_gain=5']
+  summary = seeds_exp.run(_values(seeds_exp.define_flags, argv))
+  lines = [json.loads(l) for l in (workdir / 'runs.jsonl').read_text().splitlines()]
+  assert sorted((l['seed'], l['protocol']) for l in lines) == [
+      (s, p) for s in range(3) for p in ('default', 'reference')]
+  # Every line is what experiments/convrfm.py computes with that --seed (--select_on_test).
+  for seed, protocol, extra in ((1, 'default', []), (0, 'reference', ['--select_on_test'])):
+    single = exp.run(_values(exp.define_flags, SEEDS_TASK + [
+        f'--workdir={tmp_path / f"single_{seed}"}', f'--seed={seed}'] + extra))
+    line = next(l for l in lines if (l['seed'], l['protocol']) == (seed, protocol))
+    assert line['test_acc'] == single['test_acc_per_round']
+    assert line['test_fit_only_acc'] == single['test_acc_fit_only_per_round']
+    assert line['selection_acc'] == single['val_acc_per_round']
+    assert line['best_round'] == single['best_round']
+  # The summary's statistics, recomputed from the lines.
+  final = {}
+  for protocol in ('default', 'reference'):
+    acc = 100 * np.array([l['test_acc'] for l in lines if l['protocol'] == protocol])
+    s = summary[protocol]
+    np.testing.assert_allclose(s['test_acc_mean'], acc.mean(axis=0))
+    np.testing.assert_allclose(s['test_acc_sd'], acc.std(axis=0, ddof=1))
+    gains = acc[:, -1] - acc[:, 0]
+    assert s['gain_mean'] == pytest.approx(gains.mean())
+    assert (s['gain_min'], s['gain_max']) == pytest.approx((gains.min(), gains.max()))
+    assert s['seeds_with_min_gain'] == int((gains >= 5 - 1e-9).sum())
+    final[protocol] = acc[:, -1]
+  assert summary['paired_last_round']['mean'] == pytest.approx(
+      (final['default'] - final['reference']).mean())
+  assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
+
+  # A lost line is recomputed alone (2 rounds), equal to the first time; more seeds add only
+  # their own runs; a finished study recomputes nothing.
+  lost = next(l for l in lines if (l['seed'], l['protocol']) == (1, 'reference'))
+  (workdir / 'runs.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines
+                                              if l is not lost))
+  steps = _CountSteps(monkeypatch)
+  again = seeds_exp.run(_values(seeds_exp.define_flags, argv))
+  assert steps.calls == 2
+  redone = [json.loads(l) for l in (workdir / 'runs.jsonl').read_text().splitlines()][-1]
+  assert (redone['seed'], redone['protocol'], redone['test_acc']) == (1, 'reference',
+                                                                      lost['test_acc'])
+  assert again == summary
+  more = seeds_exp.run(_values(seeds_exp.define_flags,
+                               [a for a in argv if not a.startswith('--seeds')] +
+                               ['--seeds=0-3']))
+  assert steps.calls == 2 + 4 and more['default']['runs'] == 4
+  seeds_exp.run(_values(seeds_exp.define_flags, argv))
+  assert steps.calls == 6
+  with pytest.raises(ValueError, match='different configuration'):
+    seeds_exp.run(_values(seeds_exp.define_flags, argv + ['--power=1.0']))
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--seeds=3-1'], 'empty or negative'),
+    (['--seeds=a'], '--seeds must be'),
+    (['--seeds=0,1-2,2'], 'twice'),
+    (['--seed=1'], 'use --seeds'),
+    (['--select_on_test'], '--protocols=reference'),
+    (['--protocols=default,test'], '--protocols must be'),
+    (['--n_test=0'], '--n_test must be >= 1'),
+    (['--val_fraction=0'], 'No selection split'),
+    (['--dataset=no_such_set'], 'unknown dataset'),
+])
+def test_convrfm_seeds_fails_before_writing(tmp_path, argv, match):
+  from experiments import convrfm_seeds as seeds_exp  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'bad'
+  with pytest.raises(ValueError, match=match):
+    seeds_exp.run(_values(seeds_exp.define_flags, TINY + [f'--workdir={workdir}'] + argv))
+  assert not workdir.exists()
