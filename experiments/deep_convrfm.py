@@ -24,13 +24,21 @@ CIFAR-10 JPEG test images split into 2000 train / 1000 test with a fixed seed:
     --n_train=2000 --n_test=1000 --q=3 --depth=3 --rounds=3 --width=64
 
 The filter-seed study of WORKSPACE.md is that run (with its flags there) for `--filter_seed=0`
-to `7`, the images fixed by `--seed=0`.
+to `7`, the images fixed by `--seed=0`. Layer 0 does not depend on the filters, so such sweeps
+(and sweeps over `--width`, `--sampler`, `--nonlinearity`, `--filter_metric`, `--final_rounds`)
+can copy its finished rounds from an earlier run instead of recomputing them:
+
+  python -m experiments.deep_convrfm --workdir=/tmp/deep_cifar_fs1 <the same flags> \
+    --filter_seed=1 --layer0_from=/tmp/deep_cifar
 
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
   convolutional neural networks. arXiv:2309.00570, 2023.
 """
 
+import itertools
+import json
+import pathlib
 import resource
 import tempfile
 import time
@@ -68,6 +76,59 @@ def define_flags(flag_values=FLAGS):
   define.integer('final_rounds', -1,
                  'ConvRFM rounds of the final kernel on the learned features (-1: --rounds; '
                  '1: plain CNTK ridge regression on them).')
+  define.string('layer0_from', None,
+                'Workdir of an earlier run with the same data and layer-0 settings (it may '
+                'differ in ' + ', '.join(f'--{k}' for k in _FILTER_ONLY_KEYS) + '): its '
+                'finished layer-0 rounds are copied into --workdir instead of recomputed.')
+
+
+# Settings that act only after layer 0's ConvRFM (on the filters drawn from its metric and
+# what follows), so runs that differ only in them share layer 0 exactly.
+_FILTER_ONLY_KEYS = ('filter_seed', 'width', 'sampler', 'nonlinearity', 'filter_metric',
+                     'final_rounds')
+
+
+def _layer0_source(source: str, cfg_dict: Dict[str, Any], n_layers: int) -> pathlib.Path:
+  """Checks that `source` holds finished layer-0 rounds of a run compatible with `cfg_dict`."""
+  src = pathlib.Path(source)
+  if n_layers < 1:
+    raise ValueError('--layer0_from needs at least one learned layer (--layers >= 1): with '
+                     '--layers=0 layer 0 is the final ConvRFM.')
+  cfg_path = src / 'config.json'
+  if not cfg_path.is_file():
+    raise ValueError(f'--layer0_from: {src} is not a deep_convrfm workdir (no config.json).')
+  if not (src / 'layer0_round_0.npz').is_file() or not (src / 'layer0_metrics.jsonl').is_file():
+    raise ValueError(f'--layer0_from: {src} has no finished layer-0 round.')
+  flat = exp._flatten  # pylint: disable=protected-access
+  theirs = flat(json.loads(cfg_path.read_text()))
+  ours = flat(json.loads(json.dumps(cfg_dict)))
+  shared = lambda d: {k: v for k, v in d.items() if k not in _FILTER_ONLY_KEYS}
+  a, b = shared(theirs), shared(ours)
+  if a != b:
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ValueError(f'--layer0_from: {src} ran layer 0 with different settings (differs in '
+                     f'{diff}); only {list(_FILTER_ONLY_KEYS)} may differ.')
+  return src
+
+
+def _copy_layer0(src: pathlib.Path, dst: pathlib.Path) -> int:
+  """Copies layer 0's finished rounds (and figures) from `src` unless `dst` has as many.
+
+  Returns the number of layer-0 rounds copied. The metrics file goes first and each round file
+  (the commit point of a round, as in `run_rounds`) after it.
+  """
+  count = lambda d: next(t for t in itertools.count() if not (d / f'layer0_round_{t}.npz').exists())
+  n_src = count(src)
+  if count(dst) >= n_src:
+    return 0
+  for fig in sorted(src.glob('layer0_*round*.png')):
+    exp.atomic_write_bytes(dst / fig.name, fig.read_bytes())
+  exp.atomic_write_bytes(dst / 'layer0_metrics.jsonl',
+                         (src / 'layer0_metrics.jsonl').read_bytes())
+  for t in range(n_src):
+    name = f'layer0_round_{t}.npz'
+    exp.atomic_write_bytes(dst / name, (src / name).read_bytes())
+  return n_src
 
 
 def config_from_flags(values) -> deep.DeepConvRFMConfig:
@@ -105,8 +166,13 @@ def run(values) -> Dict[str, Any]:
   if values.filter_seed >= 0:
     # Only when given, so that workdirs written before this flag existed still resume.
     cfg_dict['filter_seed'] = values.filter_seed
+  layer0_src = (None if values.layer0_from is None else
+                _layer0_source(values.layer0_from, cfg_dict, n_layers))
   logging.info('Writing to %s.', workdir)
   path = exp.prepare_workdir(workdir, cfg_dict)
+  if layer0_src is not None and layer0_src.resolve() != path.resolve():
+    copied = _copy_layer0(layer0_src, path)
+    logging.info('Copied %d finished layer-0 round(s) from %s.', copied, layer0_src)
   feats = {'fit': init.x_fit, 'val': init.x_val, 'test': init.x_test}
   key = jax.random.PRNGKey(config.seed)
   per_layer = []
@@ -168,6 +234,8 @@ def run(values) -> Dict[str, Any]:
       final_test_acc_per_round=[exp.round_test_acc(r) for r in final.history],
       seconds_total_this_process=time.perf_counter() - start,
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  if layer0_src is not None:
+    summary['layer0_from'] = str(layer0_src)
   exp.atomic_write_json(path / 'summary.json', summary)
   msg = (f'CNTK (depth {base.depth}, round 0) test accuracy {summary["cntk_test_acc"]}, Deep '
          f'ConvRFM ({n_layers} learned layer(s)) {summary["deep_convrfm_test_acc"]}')

@@ -230,6 +230,50 @@ def test_deep_convrfm_filter_seed_keeps_data_and_layer0_and_redraws_the_filters(
   assert not (tmp_path / 'bad').exists()
 
 
+def test_deep_convrfm_layer0_from_copies_layer0_and_matches_recomputing_it(tmp_path,
+                                                                             monkeypatch):
+  argv = ['--dataset=bars', '--n_train=16', '--n_test=8', '--q=3', '--depth=2', '--rounds=2',
+          '--final_rounds=1', '--val_fraction=0.25', '--ridges=1e-6,1e-2', '--width=4',
+          '--nonlinearity=relu']
+  run = lambda extra: deep_exp.run(_values(deep_exp.define_flags, argv + extra))
+  source = tmp_path / 'source'
+  run([f'--workdir={source}'])
+  # The reference: filter seed 1 and width 6, everything recomputed.
+  other = ['--filter_seed=1', '--width=6']
+  full = run(other + [f'--workdir={tmp_path / "full"}'])
+  steps = _CountSteps(monkeypatch)
+  reused = run(other + [f'--workdir={tmp_path / "reused"}', f'--layer0_from={source}'])
+  assert steps.calls == 1           # only the final ConvRFM's one round ran
+  for key in ('cntk_test_acc', 'deep_convrfm_test_acc', 'deep_convrfm_test_acc_fit_only',
+              'final_test_acc_per_round', 'layers'):
+    assert reused[key] == full[key], key
+  assert reused['layer0_from'] == str(source)
+  np.testing.assert_array_equal(np.load(tmp_path / 'reused' / 'layer0_filters.npy'),
+                                np.load(tmp_path / 'full' / 'layer0_filters.npy'))
+  drop = lambda text: [{k: v for k, v in json.loads(l).items()
+                        if k not in ('seconds', 'peak_rss_mb')} for l in text.splitlines()]
+  assert (drop((tmp_path / 'reused' / 'metrics.jsonl').read_text()) ==
+          drop((tmp_path / 'full' / 'metrics.jsonl').read_text()))
+  # Resuming the reused run copies nothing more and runs nothing.
+  steps.calls = 0
+  again = run(other + [f'--workdir={tmp_path / "reused"}', f'--layer0_from={source}'])
+  assert steps.calls == 0 and again['deep_convrfm_test_acc'] == full['deep_convrfm_test_acc']
+  # Layer-0 settings must match; the error comes before anything is written.
+  for extra, match in ((['--rounds=3'], 'differs in .*convrfm.rounds'),
+                       (['--seed=1'], 'differs in .*seed'),
+                       (['--layers=0'], 'at least one learned layer')):
+    with pytest.raises(ValueError, match=match):
+      run(extra + [f'--workdir={tmp_path / "bad"}', f'--layer0_from={source}'])
+    assert not (tmp_path / 'bad').exists()
+  with pytest.raises(ValueError, match='no config.json'):
+    run([f'--workdir={tmp_path / "bad"}', f'--layer0_from={tmp_path / "nowhere"}'])
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'config.json').write_text((source / 'config.json').read_text())
+  with pytest.raises(ValueError, match='no finished layer-0 round'):
+    run([f'--workdir={tmp_path / "bad"}', f'--layer0_from={tmp_path / "empty"}'])
+  assert not (tmp_path / 'bad').exists()
+
+
 def test_binary_main_takes_jax_flags_and_fills_the_compilation_cache(tmp_path):
   """`python -m experiments.convrfm` accepts jax's options as flags (`config_with_absl`)."""
   import os  # pylint: disable=g-import-not-at-top
