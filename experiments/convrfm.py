@@ -44,7 +44,7 @@ import pathlib
 import resource
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -183,11 +183,10 @@ def prepare_workdir(workdir: str, config: Dict[str, Any]) -> pathlib.Path:
   cfg_path = path / 'config.json'
   config = json.loads(json.dumps(config))  # normalise tuples etc.
   if cfg_path.exists():
-    old = _flatten(json.loads(cfg_path.read_text()))
-    new = _flatten(config)
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k, None) != new.get(k, None))
-      missing = sorted(set(new) - set(old))
+    saved = json.loads(cfg_path.read_text())
+    diff = config_diff(saved, config)
+    if diff:
+      missing = sorted(set(_flatten(config)) - set(_flatten(saved)))
       older = (f' The saved config.json lacks {missing}: it was written by an older version '
                'of this binary.' if missing else '')
       raise ValueError(
@@ -197,6 +196,17 @@ def prepare_workdir(workdir: str, config: Dict[str, Any]) -> pathlib.Path:
   else:
     atomic_write_json(cfg_path, config)
   return path
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any],
+                ignore: Sequence[str] = ()) -> List[str]:
+  """Dotted names of the config fields that differ (`'convrfm.rounds'`), except `ignore`d ones.
+
+  Both configs are normalised as JSON (tuples become lists) before comparing.
+  """
+  old, new = (_flatten(json.loads(json.dumps(c))) for c in (old, new))
+  return sorted(k for k in set(old) | set(new)
+                if k not in ignore and old.get(k, None) != new.get(k, None))
 
 
 def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:

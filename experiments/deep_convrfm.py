@@ -99,13 +99,8 @@ def _layer0_source(source: str, cfg_dict: Dict[str, Any], n_layers: int) -> path
     raise ValueError(f'--layer0_from: {src} is not a deep_convrfm workdir (no config.json).')
   if not (src / 'layer0_round_0.npz').is_file() or not (src / 'layer0_metrics.jsonl').is_file():
     raise ValueError(f'--layer0_from: {src} has no finished layer-0 round.')
-  flat = exp._flatten  # pylint: disable=protected-access
-  theirs = flat(json.loads(cfg_path.read_text()))
-  ours = flat(json.loads(json.dumps(cfg_dict)))
-  shared = lambda d: {k: v for k, v in d.items() if k not in _FILTER_ONLY_KEYS}
-  a, b = shared(theirs), shared(ours)
-  if a != b:
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  diff = exp.config_diff(json.loads(cfg_path.read_text()), cfg_dict, ignore=_FILTER_ONLY_KEYS)
+  if diff:
     raise ValueError(f'--layer0_from: {src} ran layer 0 with different settings (differs in '
                      f'{diff}); only {list(_FILTER_ONLY_KEYS)} may differ.')
   return src
@@ -117,7 +112,8 @@ def _copy_layer0(src: pathlib.Path, dst: pathlib.Path) -> int:
   Returns the number of layer-0 rounds copied. The metrics file goes first and each round file
   (the commit point of a round, as in `run_rounds`) after it.
   """
-  count = lambda d: next(t for t in itertools.count() if not (d / f'layer0_round_{t}.npz').exists())
+  count = lambda d: next(t for t in itertools.count()
+                         if not (d / f'layer0_round_{t}.npz').exists())
   n_src = count(src)
   if count(dst) >= n_src:
     return 0
