@@ -227,3 +227,50 @@ def test_symmetric_path_matches_one_directional_and_brute_force(padding):
   plain = lambda g, s1, s2: kernel(g, s1, s2)
   want = brute_force_agop(plain, x, alpha, x[idx], 3, padding, metric, idx)
   tolerances.assert_rel_fro(sym, want, 1e-6, f'symmetric vs brute force {padding}')
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_blocks_spread_over_devices_give_the_one_device_result(symmetric):
+  """Block pairs / sample blocks on 1, 2 or 4 (simulated) devices: same AGOP to rounding."""
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  if len(devices) < 2:
+    pytest.skip('needs several (simulated) devices; see conftest.py')
+  x, alpha, _, metric = _problem(10, n=9, size=7)
+  kernel = fused.GramConvKernel(2, 3, checks.Padding.SAME, 2)
+  idx = np.arange(9)
+  run = lambda devs: pa.predictor_agop_from_grams(
+      kernel, x, alpha, z_indices=idx, patch_size=3, padding='SAME', metric=metric,
+      train_block=3, z_block=2, symmetric=symmetric, devices=devs)
+  one = run(devices[:1])
+  for count in sorted({2, len(devices)}):
+    got = run(devices[:count])
+    assert got.devices() == {devices[0]}
+    # Devices only regroup the sums over blocks. They are ill-conditioned here (`v = u + 2 coef
+    # p` cancels): the same block pairs summed in reverse order on ONE device move this AGOP
+    # by 9.4e-12 in float64, so 1e-10 is rounding, while a lost or doubled block is O(1).
+    tolerances.assert_rel_fro(got, one, 1e-10, f'{count} devices, symmetric={symmetric}')
+  want = brute_force_agop(lambda g, s1, s2: kernel(g, s1, s2), x, alpha, x, 3, 'SAME', metric,
+                          idx)
+  tolerances.assert_rel_fro(one, want, 1e-6, 'one device vs brute force')
+
+
+def test_device_assignment_balances_work():
+  acc = pa._DeviceAccumulators(jax.devices()[:1] * 1)  # pylint: disable=protected-access
+  assert [acc.assign(1.0) for _ in range(3)] == [0, 0, 0]
+  if len(jax.devices()) < 2:
+    return
+  acc = pa._DeviceAccumulators(jax.devices()[:2])  # pylint: disable=protected-access
+  # Diagonal blocks (cost 0.6) and block pairs (1.0) in the symmetric path's order.
+  assert [acc.assign(c) for c in (0.6, 1.0, 0.6, 1.0, 1.0, 0.6)] == [0, 1, 0, 1, 0, 1]
+
+
+def test_bad_devices_are_rejected():
+  x, alpha, z, metric = _problem(11, n=3, s=2, size=5)
+  kernel = lambda g, s1, s2: jnp.sum(g, axis=(2, 3))
+  with pytest.raises(TypeError, match='`devices`'):
+    pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, devices=['cpu:0'])
+  with pytest.raises(ValueError, match='must not repeat'):
+    pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3,
+                                 devices=jax.devices()[:1] * 2)

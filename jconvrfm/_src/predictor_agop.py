@@ -45,7 +45,7 @@ References:
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -355,13 +355,69 @@ def _symmetric_pair(kernel, tile_cols: int, px_i: jax.Array, mpx_i: jax.Array,
   return u_i, coef_i, u_j, coef_j, (buf_a, buf_bx)
 
 
-def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> jax.Array:
+class _DeviceAccumulators:
+  """Per-device running sums of the AGOP's blocks, for spreading block work over devices.
+
+  Work items (block pairs, or sample blocks) are handed to the device with the least work
+  so far (ties: the lower index), in a fixed order, so the assignment and hence the result
+  depend only on the inputs and the number of devices. Each device keeps its own copies of the
+  inputs it reads and of the accumulators it updates (created on first use); `gather`
+  adds the copies of one accumulator on `devices[0]` at the end. With one device this is the
+  plain sequential loop. jax dispatches asynchronously, so the devices run concurrently
+  while the host loop hands out the next items.
+  """
+
+  def __init__(self, devices):
+    self.devices = list(devices)
+    self.load = [0.0] * len(self.devices)
+    self._inputs = {}
+    self.acc = [{} for _ in self.devices]
+    self.scratch = [None] * len(self.devices)
+
+  def assign(self, cost: float) -> int:
+    dev = min(range(len(self.devices)), key=lambda k: (self.load[k], k))
+    self.load[dev] += cost
+    return dev
+
+  def put(self, dev: int, key, make):
+    """The inputs `make()` under `key` on device `dev`, transferred once."""
+    if (dev, key) not in self._inputs:
+      self._inputs[(dev, key)] = jax.device_put(make(), self.devices[dev])
+    return self._inputs[(dev, key)]
+
+  def gather(self, key, zeros):
+    """Sum over devices of accumulator `key` (a pytree), on `devices[0]`; `zeros()` if none."""
+    parts = [jax.device_put(acc[key], self.devices[0]) for acc in self.acc if key in acc]
+    if not parts:
+      return zeros()
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
+
+
+def _check_devices(devices) -> list:
+  if devices is None:
+    return jax.local_devices()
+  devices = list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
+  if len(set(devices)) != len(devices):
+    raise ValueError('`devices` must not repeat a device.')
+  return devices
+
+
+# Relative cost of a diagonal block (one direction, no training-side self-Gram gradients, one
+# contraction) against an off-diagonal block pair, for balancing devices.
+_DIAGONAL_COST = 0.6
+
+
+def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
+                        devices) -> jax.Array:
   """`sum_{z, c, p} v v^T` over ALL training images as samples, each pair evaluated once.
 
   Pairs `(x_i, x_j)` and `(x_j, x_i)` share their Grams and (the kernel being symmetric)
   their reverse pass, so only block pairs `I <= J` are computed: about half the kernel work
   of the one-directional path. Holds `v`'s two parts for all samples (`n * H' * W' *
-  classes * (d + 1)` numbers).
+  classes * (d + 1)` numbers) on every device that works on them. Block pairs are spread
+  over `devices` (`_DeviceAccumulators`).
   """
   n, h, w, d = px.shape
   classes = alpha.shape[1]
@@ -370,25 +426,48 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> ja
   px, mpx, sqx, alpha = (_pad_axis0(a, n_pad) for a in (px, mpx, sqx, alpha))
   nb = n_pad // block
   sl = [slice(k * block, (k + 1) * block) for k in range(nb)]
-  u = [jnp.zeros((h, w, classes * d, block), px.dtype) for _ in range(nb)]
-  coef = [jnp.zeros((h, w, block, classes), px.dtype) for _ in range(nb)]
   tile_cols = _hand_tile_cols(block, block, h * w)
   pairs = [(i, j) for j in range(nb) for i in range(j + 1)]
   reported = 0
-  eye = jnp.eye(block, dtype=bool)
-  # Reverse-pass buffers, allocated once and handed from call to call (see _hand_written_grads).
-  scratch = tuple(jnp.zeros((h, w, block, block), px.dtype) for _ in range(2))
+  eye = np.eye(block, dtype=bool)
+  work = _DeviceAccumulators(devices)
+
+  def inputs(dev, k):
+    return work.put(dev, k, lambda: (px[sl[k]], mpx[sl[k]], sqx[sl[k]], alpha[sl[k]]))
+
+  def accumulators(dev, k):
+    if k not in work.acc[dev]:
+      zeros = functools.partial(jnp.zeros, dtype=px.dtype, device=work.devices[dev])
+      work.acc[dev][k] = (zeros((h, w, classes * d, block)), zeros((h, w, block, classes)))
+    return work.acc[dev][k]
+
   for k, (i, j) in enumerate(pairs):
+    dev = work.assign(_DIAGONAL_COST if i == j else 1.0)
+    if work.scratch[dev] is None:
+      # Reverse-pass buffers, allocated once per device and handed from call to call (see
+      # _hand_written_grads).
+      work.scratch[dev] = tuple(
+          jnp.zeros((h, w, block, block), px.dtype, device=work.devices[dev]) for _ in range(2))
+    scratch = work.scratch[dev]
     if i == j:
       # A diagonal block is the one-directional case with its own images as samples.
-      u[j], coef[j], one = _v_hand_written(
-          kernel, tile_cols, px[sl[j]], mpx[sl[j]], sqx[sl[j]], alpha[sl[j]], px[sl[j]],
-          sqx[sl[j]], eye, u[j], coef[j], scratch[:1])
-      scratch = one + scratch[1:]
+      p_j, mp_j, sq_j, al_j = inputs(dev, j)
+      u_j, coef_j = accumulators(dev, j)
+      u_j, coef_j, one = _v_hand_written(
+          kernel, tile_cols, p_j, mp_j, sq_j, al_j, p_j, sq_j,
+          work.put(dev, 'eye', lambda: eye), u_j, coef_j, scratch[:1])
+      work.acc[dev][j] = (u_j, coef_j)
+      work.scratch[dev] = one + scratch[1:]
     else:
-      u[i], coef[i], u[j], coef[j], scratch = _symmetric_pair(
-          kernel, tile_cols, px[sl[i]], mpx[sl[i]], sqx[sl[i]], alpha[sl[i]],
-          px[sl[j]], sqx[sl[j]], alpha[sl[j]], u[i], coef[i], u[j], coef[j], scratch)
+      p_i, mp_i, sq_i, al_i = inputs(dev, i)
+      p_j, _, sq_j, al_j = inputs(dev, j)
+      u_i, coef_i = accumulators(dev, i)
+      u_j, coef_j = accumulators(dev, j)
+      u_i, coef_i, u_j, coef_j, work.scratch[dev] = _symmetric_pair(
+          kernel, tile_cols, p_i, mp_i, sq_i, al_i, p_j, sq_j, al_j, u_i, coef_i, u_j, coef_j,
+          scratch)
+      work.acc[dev][i] = (u_i, coef_i)
+      work.acc[dev][j] = (u_j, coef_j)
     if progress is not None:
       done = (n * (k + 1)) // len(pairs)
       if done > reported:
@@ -396,8 +475,9 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress) -> ja
         reported = done
   acc = jnp.zeros((d, d), px.dtype)
   for k in range(nb):
+    u_k, coef_k = work.gather(k, None)
     valid = jnp.asarray(np.arange(k * block, (k + 1) * block) < n)
-    acc = acc + _masked_outer_sum(u[k], coef[k], px[sl[k]], valid)
+    acc = acc + _masked_outer_sum(u_k, coef_k, px[sl[k]], valid)
   return acc
 
 
@@ -440,7 +520,8 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                               z_block: Optional[int] = None,
                               block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                               progress: Optional[Callable[[int], None]] = None,
-                              symmetric: bool = True) -> jax.Array:
+                              symmetric: bool = True,
+                              devices: Optional[Sequence[jax.Device]] = None) -> jax.Array:
   """Patch AGOP of `f_c(z) = sum_i alpha_ic K(x_i, z)` for a Gram-based conv kernel, fast.
 
   Args:
@@ -470,6 +551,13 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
       `range(n)`) and the kernel has a hand-written reverse pass (`GramConvKernel`), evaluate
       each unordered pair of images once (about half the work; `train_block` then sets the
       block side). False forces the one-directional path (the tests compare the two).
+    devices: devices to spread the blocks over (default `jax.local_devices()`): block pairs
+      (symmetric path) or sample blocks go to the least loaded device, each device keeps its
+      own running sums, and these are added on `devices[0]` at the end. On a CPU split into
+      one device per core (`--xla_force_host_platform_device_count`), the cores then run
+      independent blocks instead of splitting every small fused loop between them. The
+      result is the same up to float rounding for any number of devices (the summation order
+      changes with it).
 
   Returns:
     `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
@@ -514,33 +602,45 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   pz_all, sqz_all = _pad_axis0(pz_all, s_pad), _pad_axis0(sqz_all, s_pad)
   idx = np.concatenate([idx, np.full(s_pad - s, -1)])
   tile_cols = _hand_tile_cols(zb, tb, h * w)
-  acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
+  devices = _check_devices(devices)
   if (hand_written and symmetric and z_indices is not None and s == n and
       np.array_equal(np.sort(idx[:s]), np.arange(n)) and
       n * h * w * classes * (d + 1) <= _SYMMETRIC_MAX_ELEMENTS):
     acc = _symmetric_agop_sum(kernel_from_grams, px[:n], mpx[:n], sqx[:n], alpha[:n],
-                              train_block or _SYMMETRIC_BLOCK, progress)
+                              train_block or _SYMMETRIC_BLOCK, progress, devices)
     return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (fused path)')
-  if hand_written:   # reverse-pass buffers, handed from call to call (_hand_written_grads)
-    scratch = (jnp.zeros((h, w, zb, tb), x_train.dtype),)
+  # Sample blocks are independent: each goes to one device, which loops over the training
+  # blocks and adds the block's `sum v v^T` to its own running sum.
+  work = _DeviceAccumulators(devices)
+  zero_acc = lambda: jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
   for z0 in range(0, s_pad, zb):
-    pz, sqz, zidx = pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb], idx[z0:z0 + zb]
-    u = jnp.zeros((h, w, classes * d, zb), x_train.dtype)
-    coef = jnp.zeros((h, w, zb, classes), x_train.dtype)
+    dev = work.assign(1.0)
+    put = functools.partial(work.put, dev)
+    pz, sqz = put(('z', z0), lambda: (pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb]))
+    zidx = idx[z0:z0 + zb]
+    zeros = functools.partial(jnp.zeros, dtype=x_train.dtype, device=work.devices[dev])
+    u, coef = zeros((h, w, classes * d, zb)), zeros((h, w, zb, classes))  # donated below
+    if hand_written and work.scratch[dev] is None:
+      # Reverse-pass buffers, handed from call to call (_hand_written_grads).
+      work.scratch[dev] = (zeros((h, w, zb, tb)),)
     for t0 in range(0, n_pad, tb):
       t1 = t0 + tb
-      same = jnp.asarray(np.arange(t0, t1)[:, None] == zidx[None, :])
+      px_t, mpx_t, sqx_t, alpha_t = put(('train', t0), lambda: (px[t0:t1], mpx[t0:t1],
+                                                                sqx[t0:t1], alpha[t0:t1]))
+      same = jax.device_put(np.arange(t0, t1)[:, None] == zidx[None, :], work.devices[dev])
       if hand_written:
-        u, coef, scratch = _v_hand_written(kernel_from_grams, tile_cols, px[t0:t1],
-                                           mpx[t0:t1], sqx[t0:t1], alpha[t0:t1], pz, sqz,
-                                           same, u, coef, scratch)
+        u, coef, work.scratch[dev] = _v_hand_written(
+            kernel_from_grams, tile_cols, px_t, mpx_t, sqx_t, alpha_t, pz, sqz, same, u, coef,
+            work.scratch[dev])
       else:
-        u, coef = _v_from_grams(kernel_from_grams, px[t0:t1], mpx[t0:t1], sqx[t0:t1],
-                                alpha[t0:t1], pz, sqz, same, u, coef)
-    valid = jnp.asarray(np.arange(z0, z0 + zb) < s)
-    acc = acc + _masked_outer_sum(u, coef, pz, valid)
+        u, coef = _v_from_grams(kernel_from_grams, px_t, mpx_t, sqx_t, alpha_t, pz, sqz, same,
+                                u, coef)
+    valid = jax.device_put(np.arange(z0, z0 + zb) < s, work.devices[dev])
+    part = _masked_outer_sum(u, coef, put(('z', z0), None)[0], valid)
+    work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
     if progress is not None:
       progress(min(zb, s - z0))
+  acc = work.gather('acc', zero_acc)
   g = metric @ acc @ metric / s
   return _check_result(g, 'kernel predictor AGOP (fused path)')
 
