@@ -89,6 +89,13 @@ if fails(lambda: jnp.dtype(jnp.zeros((1,), jnp.float32))):
 s = jax.ShapeDtypeStruct((2, 3), jnp.float32)
 if fails(lambda: (jnp.size(s), jax.dtypes.result_type(s, s))):
   missing.append('neural_tangents._src.empirical._std_basis')
+import inspect
+try:
+  from jax.extend.core import DebugInfo
+  if 'debug_info' in inspect.signature(lu.wrap_init).parameters:
+    missing.append('neural_tangents._src.empirical.lu')
+except ImportError:
+  pass
 from third_party import nt_compat
 first = nt_compat.apply()
 second = nt_compat.apply()
@@ -265,3 +272,25 @@ def test_forward_compatible_helpers_match_neural_tangents():
   fx = jnp.ones((3, 2))
   assert (nt_compat._get_fx_axis_and_dtype_compat(fx, None, tree) ==  # pylint: disable=protected-access
           empirical._get_fx_axis_and_dtype(fx, None, tree))  # pylint: disable=protected-access
+
+
+def test_empirical_ntk_passes_debug_info_to_wrap_init():
+  """The structured-derivatives path calls `lu.wrap_init` without the deprecated omission."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from neural_tangents._src import empirical  # pylint: disable=g-import-not-at-top
+  from third_party import nt_compat  # pylint: disable=g-import-not-at-top
+  from jax.extend import linear_util  # pylint: disable=g-import-not-at-top
+  if not nt_compat._wrap_init_takes_debug_info(linear_util):  # pylint: disable=protected-access
+    pytest.skip('this jax has no DebugInfo argument to pass')
+  assert nt_compat._is_compat(empirical.lu)  # pylint: disable=protected-access
+  wrapped = empirical.lu.wrap_init(lambda x: [x])
+  assert wrapped.debug_info.traced_for == 'neural_tangents'
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 4)))
+  init_fn, apply_fn, _ = stax.serial(stax.Dense(5), stax.Relu(), stax.Dense(2))
+  _, params = init_fn(jax.random.PRNGKey(2), x.shape)
+  ref = nt.empirical_ntk_fn(apply_fn, implementation=1)(x, None, params)
+  with warnings.catch_warnings():
+    warnings.filterwarnings('error', message='linear_util.wrap_init', category=DeprecationWarning)
+    got = nt.empirical_ntk_fn(apply_fn, implementation=3)(x, None, params)
+  tolerances.assert_rel_fro(got, ref, 1e-10, 'structured derivatives vs Jacobian contraction')

@@ -5,7 +5,8 @@ neural-tangents 0.6.5 (the last release) imports names that jax has since moved
 `jax.util`, the removed primitive `jax.interpreters.ad.zeros_like_p`, and, for the
 structured-derivatives empirical NTK, the old signature of `ad.linearize`,
 `Primitive.map_primitive`, `jax.core.DShapedArray`, `ad.source_info_util`,
-`ad.reducing_transposes`, `ad.config` and a list-valued `cost_analysis()`. Its
+`ad.reducing_transposes`, `ad.config` and a list-valued `cost_analysis()`; there it also
+calls `lu.wrap_init` without the `DebugInfo` that current jax asks for (deprecated). Its
 `experimental` sub-package also imports TensorFlow and tf2jax eagerly.
 
 `apply()` probes the running jax (with `hasattr` and import attempts, never by version
@@ -90,11 +91,15 @@ class _UnknownPartialVal:
 
 def _old_style_linearize_works(ad) -> bool:
   """True if `ad.linearize(wrapped_fun, *primals)` has the old 4-tuple behaviour."""
+  import warnings  # pylint: disable=g-import-not-at-top
   try:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from jax.extend import linear_util as lu  # pylint: disable=g-import-not-at-top
-    fn = lu.wrap_init(lambda x: [x * 2.0])
-    out = ad.linearize(fn, jnp.float32(1.0), has_aux=False)
+    with warnings.catch_warnings():
+      # This probe's own `wrap_init` without a DebugInfo (deprecated) is not the user's concern.
+      warnings.simplefilter('ignore', DeprecationWarning)
+      fn = lu.wrap_init(lambda x: [x * 2.0])
+      out = ad.linearize(fn, jnp.float32(1.0), has_aux=False)
     return (len(out) == 4 and len(out[1]) == 1 and hasattr(out[1][0], 'is_known'))
   except Exception:  # pylint: disable=broad-except
     return False
@@ -255,6 +260,11 @@ def _patch_neural_tangents(record: Callable[[str], None]) -> None:
     empirical._get_flops = _get_flops_compat
     record('neural_tangents._src.empirical._get_flops')
 
+  lu = getattr(empirical, 'lu', None)
+  if lu is not None and not _is_compat(lu) and _wrap_init_takes_debug_info(lu):
+    empirical.lu = _LinearUtilWithDebugInfo(lu)
+    record('neural_tangents._src.empirical.lu')
+
   if (not _is_compat(empirical._get_fx_axis_and_dtype) and  # pylint: disable=protected-access
       not _probe_ok(_dtype_of_array)):
     empirical._get_fx_axis_and_dtype = _get_fx_axis_and_dtype_compat  # pylint: disable=protected-access
@@ -265,6 +275,42 @@ def _patch_neural_tangents(record: Callable[[str], None]) -> None:
     std_basis._nt_compat = True
     empirical._std_basis = std_basis  # pylint: disable=protected-access
     record('neural_tangents._src.empirical._std_basis')
+
+
+def _wrap_init_takes_debug_info(lu) -> bool:
+  """True where `lu.wrap_init` has a `debug_info` argument (deprecated to omit, since 0.5)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  try:
+    from jax.extend.core import DebugInfo  # pylint: disable=g-import-not-at-top,unused-import
+    return 'debug_info' in inspect.signature(lu.wrap_init).parameters
+  except (ImportError, TypeError, ValueError):
+    return False
+
+
+class _LinearUtilWithDebugInfo(types.ModuleType):
+  """`jax.extend.linear_util` for neural-tangents, whose `wrap_init` always gets a DebugInfo.
+
+  neural-tangents' empirical NTK (`_get_fwd_and_pullback`) calls `lu.wrap_init(fn)`, which
+  current jax deprecates (a `DeprecationWarning` per call) and a later jax may reject. This
+  proxy passes `DebugInfo('neural_tangents', <function name>, None, None)`: the same content
+  as jax's own placeholder for a missing one, without the warning. Every other attribute is
+  the real module's.
+  """
+  _nt_compat = True
+
+  def __init__(self, lu):
+    super().__init__(lu.__name__, lu.__doc__)
+    self._lu = lu
+
+  def __getattr__(self, name):
+    return getattr(self._lu, name)
+
+  def wrap_init(self, f, params=None, *, debug_info=None):
+    if debug_info is None:
+      from jax.extend.core import DebugInfo  # pylint: disable=g-import-not-at-top
+      name = getattr(f, '__qualname__', None) or getattr(f, '__name__', None) or repr(f)
+      debug_info = DebugInfo('neural_tangents', name, None, None)
+    return self._lu.wrap_init(f, params, debug_info=debug_info)
 
 
 def _is_compat(fn) -> bool:
