@@ -274,3 +274,9 @@ def test_bad_devices_are_rejected():
   with pytest.raises(ValueError, match='must not repeat'):
     pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3,
                                  devices=jax.devices()[:1] * 2)
+
+
+def test_default_devices_are_one_cpu_device_or_all_accelerators():
+  got = pa._check_devices(None)  # pylint: disable=protected-access
+  local = jax.local_devices()
+  assert got == (local[:1] if local[0].platform == 'cpu' else local)
