@@ -280,3 +280,19 @@ def test_default_devices_are_one_cpu_device_or_all_accelerators():
   got = pa._check_devices(None)  # pylint: disable=protected-access
   local = jax.local_devices()
   assert got == (local[:1] if local[0].platform == 'cpu' else local)
+
+
+@pytest.mark.parametrize('n', [1, 50, 128, 129, 200, 250, 800, 832, 1000, 2000, 4001])
+def test_symmetric_default_block_is_aligned_and_pads_little(n):
+  b = pa._symmetric_block(n)  # pylint: disable=protected-access
+  if n <= 128:
+    assert b == n
+    return
+  nb = -(-n // b)
+  assert 128 <= b <= 224 and b % 16 == 0
+  assert nb * b - n < 16 * nb        # padding: less than one SIMD row per block
+  # No aligned side in range gives less padded work (diagonal blocks weigh 0.6).
+  work = lambda side: (0.6 * -(-n // side) + (-(-n // side)) * (-(-n // side) - 1) / 2) * side**2
+  assert all(work(b) <= work(side) for side in range(128, 225, 16))
+  if n == 800:
+    assert b == 160   # the README run's 800 fit images: 5 blocks, no padding
