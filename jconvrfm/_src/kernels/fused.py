@@ -53,6 +53,7 @@ import numpy as np
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
 from jconvrfm._src import tiling
+from jconvrfm._src.kernels import native
 
 
 class Kind(enum.Enum):
@@ -555,7 +556,12 @@ class GramConvKernel:
                                   channels=self.channels, kind=self.kind)
 
   def grads_spatial_leading(self, g12: jax.Array, g1: jax.Array, g2: jax.Array):
-    """`(K, dK/dg12, dK/dg1, dK/dg2)` for `(H', W', n1, n2)`, `(H', W', n1)`, `(H', W', n2)`."""
+    """`(K, dK/dg12, dK/dg1, dK/dg2)` for `(H', W', n1, n2)`, `(H', W', n1)`, `(H', W', n2)`.
+
+    Always the XLA path: the native `native.kernel_and_gram_grads` is 3x faster per reverse-
+    pass tile, but routed here it made the whole 800-image AGOP slower on a 2-core CPU
+    (17.8-18.4 s against 13.6-14.6 s per round, 2026-11-29), so it is not used by default.
+    """
     return kernel_and_gram_grads_internal(g12, g1, g2, self.depth, self.patch_size,
                                           self.padding, self.channels, self.kind)
 
@@ -665,16 +671,58 @@ def _fused_block_from_features(f1, f2, depth, q, padding, channels, kind):
   return _kernel_from_grams_internal(g12, sq1, sq2, depth, q, padding, channels, kind)
 
 
+def _native_applies(x1, x2, metric, q, padding) -> bool:
+  """Whether a float32 call on a CPU takes the native custom call (`native.py`).
+
+  Only where the CPU is the default backend (so that GPU and TPU hosts never build it), for
+  float32, and where the XLA path would itself precompute every image's patches (the
+  native path always does; beyond that bound the XLA path's per-tile patches bound memory).
+  """
+  if jax.default_backend() != 'cpu' or not native.supports(x1.dtype):
+    return False
+  out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
+  d = q * q * x1.shape[-1]
+  if not _precomputes_patches(x1.shape[0], x2.shape[0], out_h * out_w, d, x1.dtype.itemsize):
+    return False
+  return native.available()
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _native_conv_kernel(x1, x2, metric, depth, q, padding, kind):
+  return native.kernel(x1, x2, metric, depth, q, padding, kind == Kind.NTK)
+
+
+@_native_conv_kernel.defjvp
+def _native_conv_kernel_jvp(depth, q, padding, kind, primals, tangents):
+  # Derivatives (and their primal) through the XLA path: the same function to float32
+  # rounding, with the custom-JVP ReLU maps.
+  return jax.jvp(lambda a, b, m: _xla_conv_kernel(a, b, m, depth, q, padding, kind, None),
+                 primals, tangents)
+
+
 @functools.partial(jax.jit,
                    static_argnames=('depth', 'q', 'padding', 'kind', 'tile'))
 def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
-  """Unchecked fused kernel `(n1, n2)`, computed in `(b1, b2)` tiles (`lax.map` loops).
+  """Unchecked fused kernel `(n1, n2)`.
 
-  `tile=None` picks `tile_shape(n1, n2, H' W')`; `tile=(n1, n2)` computes in one piece.
-  With a metric, every image's patches, `M p` and self Grams are computed once per call rather
-  than once per tile, unless the patch dimension exceeds 64 and the patches would take more
-  than 1 GiB (`_precomputes_patches`).
+  float32 on a CPU: the native custom call (`native.py`) when it is available and `tile` is
+  None (through `jax.lax.platform_dependent`, so the program still lowers to the XLA path on
+  other platforms; derivatives go through the XLA path). Otherwise the XLA path, computed in
+  `(b1, b2)` tiles (`lax.map` loops): `tile=None` picks `tile_shape(n1, n2, H' W')`;
+  `tile=(n1, n2)` computes in one piece. With a metric, every image's patches, `M p` and self
+  Grams are computed once per call rather than once per tile, unless the patch dimension
+  exceeds 64 and the patches would take more than 1 GiB (`_precomputes_patches`).
   """
+  if tile is None and _native_applies(x1, x2, metric, q, padding):
+    return jax.lax.platform_dependent(
+        x1, x2, metric,
+        cpu=lambda a, b, m: _native_conv_kernel(a, b, m, depth, q, padding, kind),
+        default=lambda a, b, m: _xla_conv_kernel(a, b, m, depth, q, padding, kind, None))
+  return _xla_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile)
+
+
+def _xla_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile):
+  """The XLA path of `fused_conv_kernel` (traceable; see there)."""
   n1, n2 = x1.shape[0], x2.shape[0]
   out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
   if tile is None:

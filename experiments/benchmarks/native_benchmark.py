@@ -1,0 +1,132 @@
+r"""Native CPU kernels vs the XLA fused path, on the ConvRFM noisy-MNIST workload, in one run.
+
+Two phases of a ConvRFM round at the README's scale (42x42x1 images, q = 3, depth 3, NTK,
+VALID, a random PSD patch metric, float32, uniform pixels):
+
+* `kernel`: the `(n, n)` fused CNTK matrix (`fused.fused_conv_kernel`, as ConvRFM's evaluation
+  tiles call it);
+* `agop`: the predictor AGOP over `--agop_n` training images as samples (symmetric path, the
+  default aligned blocks, 10 classes), as ConvRFM's AGOP step calls it.
+
+Each (phase, path) runs in a fresh subprocess with `JCONVRFM_NATIVE=1` (native custom calls) or
+`0` (the XLA path), compiles once, then times `--repeats` calls; the table gives the medians,
+the XLA / native ratio, the subprocess's peak RSS, and the relative Frobenius difference
+between the two paths' results (same inputs, same seed). About 3 minutes on a 2-core CPU:
+
+  python -m experiments.benchmarks.native_benchmark
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('kernel_n', 1000, 'Images per side of the timed kernel matrix.')
+flags.DEFINE_integer('agop_n', 800, 'Training images (= samples) of the timed AGOP.')
+flags.DEFINE_integer('repeats', 3, 'Timed calls after compilation (median reported).')
+flags.DEFINE_list('phases', ['kernel', 'agop'], 'Phases to time.')
+flags.DEFINE_string('worker', '', 'Internal: run one (phase, path) and print JSON.')
+
+
+def _worker(spec):
+  """Runs in a subprocess whose JCONVRFM_NATIVE is set: compile, time, save the result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src import predictor_agop as pa  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import native  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  n = spec['n']
+  x = jnp.asarray(rng.uniform(size=(n, 42, 42, 1)), jnp.float32)
+  a = rng.normal(size=(9, 9))
+  metric = jnp.asarray(a @ a.T / 9, jnp.float32)
+  if spec['phase'] == 'kernel':
+    y = jnp.asarray(rng.uniform(size=(n, 42, 42, 1)), jnp.float32)
+    call = lambda: fused.fused_conv_kernel(x, y, metric, 3, 3, checks.Padding.VALID,
+                                           fused.Kind.NTK)
+  else:
+    alpha = jnp.asarray(rng.normal(size=(n, 10)) / n, jnp.float32)
+    kernel = fused.GramConvKernel(3, 3, checks.Padding.VALID, 1, fused.Kind.NTK)
+    idx = np.arange(n)
+    call = lambda: pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
+                                                metric=metric)
+  start = time.perf_counter()
+  out = jax.block_until_ready(call())
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(spec['repeats']):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  np.save(spec['out'], np.asarray(out))
+  print(json.dumps({
+      'median_s': float(np.median(times)), 'compile_s': compile_s,
+      'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'native': bool(native.available()), 'finite': bool(jnp.all(jnp.isfinite(out))),
+      'device': str(jax.devices()[0].device_kind)}))
+
+
+def _run(spec, native_on):
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  env['JCONVRFM_NATIVE'] = '1' if native_on else '0'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.native_benchmark',
+       '--worker=' + json.dumps(spec)], cwd=root, env=env, capture_output=True, text=True,
+      check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'worker failed for {spec}:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    _worker(json.loads(FLAGS.worker))
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for phase in FLAGS.phases:
+      n = FLAGS.kernel_n if phase == 'kernel' else FLAGS.agop_n
+      res = {}
+      for path, on in (('native', True), ('xla', False)):
+        spec = dict(phase=phase, n=n, repeats=FLAGS.repeats,
+                    out=os.path.join(tmp, f'{phase}_{path}.npy'))
+        res[path] = _run(spec, on)
+        res[path]['result'] = np.load(spec['out']).astype(np.float64)
+      diff = (np.linalg.norm(res['native']['result'] - res['xla']['result']) /
+              np.linalg.norm(res['xla']['result']))
+      rows.append((phase, n, res, diff))
+  device = rows[0][2]['native']['device']
+  print(f'\nNative CPU kernels vs XLA fused path, 42x42x1, q=3, depth 3, NTK, with a metric, '
+        f'float32, median of {FLAGS.repeats} after compilation; device: {device}')
+  header = (f'{"phase":<8}{"n":>6}{"native s":>10}{"xla s":>9}{"xla/native":>12}'
+            f'{"compile s (nat/xla)":>21}{"max RSS MB (nat/xla)":>22}{"rel. diff":>11}')
+  print(header)
+  print('-' * len(header))
+  for phase, n, res, diff in rows:
+    nat, xla = res['native'], res['xla']
+    if not nat['native']:
+      print('  WARNING: the native kernel was unavailable; both rows are the XLA path')
+    print(f'{phase:<8}{n:>6}{nat["median_s"]:>10.2f}{xla["median_s"]:>9.2f}'
+          f'{xla["median_s"] / nat["median_s"]:>12.2f}'
+          f'{nat["compile_s"]:>11.1f} /{xla["compile_s"]:>6.1f}'
+          f'{nat["maxrss_mb"]:>12.0f} /{xla["maxrss_mb"]:>6.0f}{diff:>12.1e}')
+    if not (nat['finite'] and xla['finite']):
+      print(f'  WARNING: non-finite results in {phase}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,266 @@
+"""The fused CNTK kernel matrix as a native CPU custom call (XLA FFI), built on first use.
+
+On the CPU, XLA compiles the fused recursion (`fused.py`) into a sequence of loops that each
+stream a whole tile of position-major intermediates through memory. `cpu/fused_cntk.cc`
+runs the whole recursion of one row image against 16 column images in buffers that stay in
+the core's cache, vectorised over the 16 images (AVX-512 intrinsics where the compiler
+targets them, otherwise portable vector code), with column blocks spread over the cores. It
+computes the same float32 kernel as the XLA path, to float32 rounding.
+
+The library is compiled from the source shipped in the package with the system C++ compiler
+(`$CXX`, else `c++`, `g++` or `clang++`) the first time a float32 fused kernel is traced on a
+CPU, and cached under `$JCONVRFM_CACHE_DIR` (default `~/.cache/jconvrfm`), keyed by the
+source, the compiler, the flags, jaxlib's version and the CPU model and flags (`-march=native`
+code must not run on another CPU). Without a compiler, or if the build fails, it logs why
+once and the XLA path is used; `JCONVRFM_NATIVE=0` turns the native path off.
+`JCONVRFM_NATIVE_THREADS` caps its threads (default: the cores this process may use).
+
+Use `fused.fused_conv_kernel`, which routes float32 CPU calls here through
+`jax.lax.platform_dependent` (so the same jitted function still lowers to the XLA path on a
+GPU or TPU) and differentiates through the XLA path.
+
+References:
+  XLA custom calls and the typed FFI: https://openxla.org/xla/custom_call
+  JAX foreign function interface: https://docs.jax.dev/en/latest/ffi.html
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from jconvrfm._src import checks
+from jconvrfm._src import patches as patches_lib
+
+SOURCE = pathlib.Path(__file__).with_name('cpu') / 'fused_cntk.cc'
+TARGET = 'jconvrfm_fused_cntk_f32'
+SYMBOL = 'JconvrfmFusedCntkF32'
+GRADS_TARGET = 'jconvrfm_fused_cntk_grads_f32'
+GRADS_SYMBOL = 'JconvrfmFusedCntkGradsF32'
+LANES = 16  # column images per vector block (kLanes in the source)
+_PADDING_CODES = {checks.Padding.VALID: 0, checks.Padding.SAME: 1,
+                  checks.Padding.CIRCULAR: 2}
+
+_lock = threading.Lock()
+_state = {'tried': False, 'ok': False, 'reason': 'not built yet', 'path': None}
+
+
+def enabled() -> bool:
+  """False when `JCONVRFM_NATIVE=0` (or `false`/`off`) turns the native path off."""
+  return os.environ.get('JCONVRFM_NATIVE', '1').strip().lower() not in ('0', 'false', 'off',
+                                                                       'no')
+
+
+def threads() -> int:
+  """Threads per call: `$JCONVRFM_NATIVE_THREADS`, else the cores this process may use."""
+  value = os.environ.get('JCONVRFM_NATIVE_THREADS')
+  if value:
+    try:
+      n = int(value)
+    except ValueError as e:
+      raise ValueError('JCONVRFM_NATIVE_THREADS must be a positive integer, got '
+                       f'{value!r}.') from e
+    if n < 1:
+      raise ValueError(f'JCONVRFM_NATIVE_THREADS must be a positive integer, got {n}.')
+    return n
+  try:
+    return max(len(os.sched_getaffinity(0)), 1)
+  except AttributeError:  # not on Linux
+    return max(os.cpu_count() or 1, 1)
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get('JCONVRFM_CACHE_DIR')
+  if root:
+    return pathlib.Path(root)
+  xdg = os.environ.get('XDG_CACHE_HOME')
+  return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / '.cache') / 'jconvrfm'
+
+
+def _compiler() -> Optional[str]:
+  cxx = os.environ.get('CXX')
+  if cxx:
+    return shutil.which(cxx) or cxx
+  for name in ('c++', 'g++', 'clang++'):
+    found = shutil.which(name)
+    if found:
+      return found
+  return None
+
+
+def _cpu_identity() -> str:
+  """Model name and feature flags of this CPU (what `-march=native` compiles for)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      lines = f.read().splitlines()
+    keep = [l for l in lines if l.split(':')[0].strip() in ('model name', 'flags', 'Features',
+                                                            'CPU part')]
+    return '\n'.join(sorted(set(keep)))
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def flag_sets() -> List[List[str]]:
+  """Compiler flag sets tried in order (the first that builds is used)."""
+  base = ['-std=c++17', '-O3', '-fPIC', '-shared', '-pthread', '-fno-math-errno',
+          '-ffp-contract=fast', '-I', jax.ffi.include_dir()]
+  sets = []
+  if platform.machine().lower() in ('x86_64', 'amd64'):
+    sets.append(base + ['-march=native', '-mprefer-vector-width=512'])
+  sets.append(base + ['-march=native'])
+  sets.append(base + ['-mcpu=native'])
+  sets.append(base)
+  return sets
+
+
+def _compile(cxx: str, flags: Sequence[str], out: pathlib.Path) -> Optional[str]:
+  """Builds the library into `out` atomically; returns an error text or None."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+  os.close(fd)
+  try:
+    proc = subprocess.run([cxx, *flags, str(SOURCE), '-o', tmp], capture_output=True,
+                          text=True, check=False, timeout=300)
+    if proc.returncode != 0:
+      return (proc.stderr or proc.stdout).strip()[-2000:]
+    os.replace(tmp, out)
+    return None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _build() -> pathlib.Path:
+  """The cached library for this source, compiler and CPU, compiled if missing."""
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError('no C++ compiler found ($CXX, c++, g++ or clang++)')
+  try:
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False,
+                             timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise RuntimeError(f'cannot run the C++ compiler {cxx}: {e}') from e
+  errors = []
+  for flags in flag_sets():
+    key = hashlib.sha256('\0'.join([
+        SOURCE.read_text(encoding='utf-8'), version, ' '.join(flags), jaxlib.__version__,
+        _cpu_identity()]).encode()).hexdigest()[:20]
+    path = cache_dir() / f'fused_cntk_{key}.so'
+    if path.exists():
+      return path
+    error = _compile(cxx, flags, path)
+    if error is None:
+      return path
+    errors.append(f'{" ".join(flags[:-2])}: {error}')
+  raise RuntimeError('the native kernel did not compile:\n' + '\n'.join(errors))
+
+
+def available() -> bool:
+  """Whether the native CPU kernel is enabled, built and registered (builds it once)."""
+  if not enabled():
+    return False
+  with _lock:
+    if not _state['tried']:
+      _state['tried'] = True
+      try:
+        path = _build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        for target, symbol in ((TARGET, SYMBOL), (GRADS_TARGET, GRADS_SYMBOL)):
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                      platform='cpu')
+        _state.update(ok=True, reason=None, path=str(path))
+      except Exception as e:  # pylint: disable=broad-except
+        _state.update(ok=False, reason=str(e))
+        logging.warning('jconvrfm: native CPU kernel unavailable, using the XLA path: %s', e)
+    return _state['ok']
+
+
+def unavailable_reason() -> Optional[str]:
+  """Why `available()` is False (None when it is True or was not asked yet)."""
+  if not enabled():
+    return 'JCONVRFM_NATIVE turns the native path off'
+  return _state['reason']
+
+
+def library_path() -> Optional[str]:
+  return _state['path']
+
+
+def _require():
+  if not available():
+    raise RuntimeError(f'The native CPU kernel is unavailable: {unavailable_reason()}')
+
+
+def supports(dtype) -> bool:
+  """Whether calls of this dtype may take the native path (float32 only)."""
+  return jnp.dtype(dtype) == jnp.float32
+
+
+def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,
+           padding: checks.Padding, ntk: bool) -> jax.Array:
+  """Unchecked float32 kernel matrix `(n1, n2)` through the custom call (CPU only).
+
+  Patches, `M p` and the self Grams are formed here in JAX (as the XLA path's per-call
+  precomputation does); the custom call runs the recursion. Requires `available()`.
+  """
+  _require()
+  n1, n2 = x1.shape[0], x2.shape[0]
+  p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
+  p2 = patches_lib._patches(x2, q, 1, padding)  # pylint: disable=protected-access
+  _, h, w, d = p1.shape
+  if metric is None:
+    mp1, mp2 = p1, p2
+  else:
+    mp1, mp2 = p1 @ metric, p2 @ metric
+  sq1 = jnp.sum(p1 * mp1, axis=-1).reshape(n1, h * w)
+  sq2 = jnp.sum(p2 * mp2, axis=-1)
+  blocks = -(-n2 // LANES)
+  extra = blocks * LANES - n2
+  if extra:  # zero images: zero variances, finite (zero) kernel columns, dropped below.
+    mp2 = jnp.pad(mp2, ((0, extra), (0, 0), (0, 0), (0, 0)))
+    sq2 = jnp.pad(sq2, ((0, extra), (0, 0), (0, 0)))
+  mp2 = mp2.reshape(blocks, LANES, h * w, d).transpose(0, 2, 3, 1)   # (blocks, P, d, lanes)
+  sq2 = sq2.reshape(blocks, LANES, h * w).transpose(0, 2, 1)         # (blocks, P, lanes)
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n1, blocks * LANES), jnp.float32),
+                          vmap_method='sequential')
+  out = call(p1.reshape(n1, h * w, d), sq1, mp2, sq2,
+             height=np.int64(h), width=np.int64(w), q=np.int64(q), depth=np.int64(depth),
+             padding=np.int64(_PADDING_CODES[padding]),
+             inv_channels=np.float32(1.0 / x1.shape[-1]), ntk=bool(ntk),
+             threads=np.int64(threads()))
+  return out[:, :n2]
+
+
+def kernel_and_gram_grads(g12: jax.Array, g1: jax.Array, g2: jax.Array, depth: int, q: int,
+                          padding: checks.Padding, channels: int, ntk: bool):
+  """`fused.kernel_and_gram_grads_internal` through the custom call (float32, CPU only).
+
+  Spatial-leading layout: `g12` `(H', W', n1, n2)` with `n2` a multiple of 16, `g1`
+  `(H', W', n1)`, `g2` `(H', W', n2)`. Returns `(K (n1, n2), dK/dg12, dK/dg1, dK/dg2)`, the
+  last three `(H', W', n1, n2)` (self-Gram gradients per pair). Requires `available()`.
+  """
+  _require()
+  h, w, n1, n2 = g12.shape
+  if n2 % LANES:
+    raise ValueError(f'kernel_and_gram_grads: n2 = {n2} must be a multiple of {LANES}.')
+  pairs = jax.ShapeDtypeStruct((h, w, n1, n2), jnp.float32)
+  call = jax.ffi.ffi_call(GRADS_TARGET,
+                          (jax.ShapeDtypeStruct((n1, n2), jnp.float32), pairs, pairs, pairs),
+                          vmap_method='sequential')
+  return call(g12, g1, g2, q=np.int64(q), depth=np.int64(depth),
+              padding=np.int64(_PADDING_CODES[padding]),
+              inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
+              threads=np.int64(threads()))

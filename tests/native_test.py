@@ -1,0 +1,233 @@
+"""The native CPU kernel (`jconvrfm/_src/kernels/native.py`, `cpu/fused_cntk.cc`).
+
+Checked against the float64 XLA path (itself checked against neural-tangents in
+`kernels_test.py`), against itself over thread counts, and for its fallbacks.
+"""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jconvrfm
+from jconvrfm._src import checks
+from jconvrfm._src.kernels import fused
+from jconvrfm._src.kernels import native
+from tests import tolerances
+
+pytestmark = pytest.mark.skipif(
+    native._compiler() is None, reason='no C++ compiler: the native kernel cannot be built')  # pylint: disable=protected-access
+
+# float32 against float64 on the same float32 inputs: over the parametrised cases below the
+# native path sits at most 2.2e-7 (relative Frobenius) from the float64 kernel, the XLA
+# float32 path at most 9e-8 (2-core Xeon, 2026-11-29).
+_F32_TOL = 1e-6
+
+
+def _images(rng, n, h, w, c):
+  return rng.normal(size=(n, h, w, c)).astype(np.float32)
+
+
+def _psd(rng, d, rank=None):
+  a = rng.normal(size=(d, rank or d))
+  return (a @ a.T / (rank or d)).astype(np.float32)
+
+
+def _raw(x1, x2, metric, depth, q, padding, kind):
+  """A fresh trace of the fused kernel (environment switches are read while tracing)."""
+  fn = fused.fused_conv_kernel.__wrapped__
+  return jax.jit(lambda a, b, m: fn(a, b, m, depth, q, checks.Padding(padding),
+                                    fused.Kind(kind)))(x1, x2, metric)
+
+
+def _float64_reference(x1, x2, metric, depth, q, padding, kind):
+  m = None if metric is None else jnp.asarray(metric, jnp.float64)
+  return fused._xla_conv_kernel(jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64), m,  # pylint: disable=protected-access
+                                depth, q, checks.Padding(padding), fused.Kind(kind), None)
+
+
+def _uses_custom_call(x1, x2, metric, depth=2, q=3, padding='VALID', kind='ntk'):
+  fn = fused.fused_conv_kernel.__wrapped__
+  text = jax.jit(lambda a, b, m: fn(a, b, m, depth, q, checks.Padding(padding),
+                                    fused.Kind(kind))).lower(x1, x2, metric).as_text()
+  return native.TARGET in text
+
+
+def test_native_kernel_builds_and_float32_calls_take_it():
+  assert native.available(), native.unavailable_reason()
+  rng = np.random.default_rng(0)
+  x = _images(rng, 3, 8, 8, 1)
+  assert _uses_custom_call(x, x, None)
+  # float64 keeps the XLA path (exact arccos).
+  assert not _uses_custom_call(x.astype(np.float64), x.astype(np.float64), None)
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME', 'CIRCULAR'])
+@pytest.mark.parametrize('kind', ['ntk', 'nngp'])
+@pytest.mark.parametrize('q,depth,channels,with_metric', [
+    (3, 3, 1, True), (3, 1, 1, False), (2, 2, 3, True), (5, 2, 2, False), (4, 3, 2, True)])
+def test_native_kernel_equals_float64_reference(padding, kind, q, depth, channels,
+                                                with_metric):
+  rng = np.random.default_rng(q * 100 + depth * 10 + channels)
+  # n2 = 21: one full block of 16 column images and a padded one.
+  x1, x2 = _images(rng, 5, 13, 12, channels), _images(rng, 21, 13, 12, channels)
+  metric = _psd(rng, q * q * channels) if with_metric else None
+  got = _raw(x1, x2, metric, depth, q, padding, kind)
+  assert got.dtype == jnp.float32 and got.shape == (5, 21)
+  want = _float64_reference(x1, x2, metric, depth, q, padding, kind)
+  tolerances.assert_rel_fro(got, want, _F32_TOL, f'{padding} {kind} q={q} depth={depth}')
+  # Entry by entry too, not only in norm.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
+                             atol=2e-5 * float(np.max(np.abs(want))))
+
+
+def test_native_kernel_handles_zero_patches_like_the_reference():
+  # A low-rank metric and zero regions give zero variances at some positions of some
+  # layers: R = 0 and D = 1/2 there (fused.py's convention), in every layer.
+  rng = np.random.default_rng(5)
+  x1, x2 = _images(rng, 4, 10, 10, 1), _images(rng, 18, 10, 10, 1)
+  x1[0] = 0.0                     # a whole zero image
+  x1[1, :6] = 0.0                 # a zero band: zero patches in layer 1 only partly
+  x2[3, :, :7] = 0.0
+  metric = _psd(rng, 9, rank=2)
+  for kind in ('ntk', 'nngp'):
+    got = _raw(x1, x2, metric, 3, 3, 'VALID', kind)
+    want = _float64_reference(x1, x2, metric, 3, 3, 'VALID', kind)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
+    tolerances.assert_rel_fro(got, want, _F32_TOL, f'zero patches {kind}')
+
+
+def test_native_kernel_is_independent_of_the_thread_count(monkeypatch):
+  # Every entry is computed by the same code whichever thread runs its column block.
+  rng = np.random.default_rng(6)
+  x1, x2 = _images(rng, 7, 12, 12, 2), _images(rng, 70, 12, 12, 2)
+  outs = []
+  for n in ('1', '3', '8'):
+    monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', n)
+    outs.append(np.asarray(_raw(x1, x2, None, 2, 3, 'SAME', 'ntk')))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_bad_thread_count_names_the_variable(monkeypatch):
+  monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', '0')
+  with pytest.raises(ValueError, match='JCONVRFM_NATIVE_THREADS'):
+    native.threads()
+  monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', 'many')
+  with pytest.raises(ValueError, match='JCONVRFM_NATIVE_THREADS'):
+    native.threads()
+
+
+def test_native_kernel_derivatives_match_finite_differences():
+  # Derivatives go through the XLA path (custom JVP); check them against central differences
+  # of the float64 kernel, for the images and for the metric.
+  rng = np.random.default_rng(7)
+  x1, x2 = _images(rng, 2, 9, 9, 1), _images(rng, 3, 9, 9, 1)
+  metric = _psd(rng, 9)
+  w = rng.normal(size=(2, 3))
+
+  def loss32(a, m):
+    return jnp.sum(jnp.asarray(w, jnp.float32) * jconvrfm.conv_ntk(a, x2, depth=2,
+                                                                    patch_size=3, metric=m))
+
+  def loss64(a, m):
+    return jnp.sum(w * _float64_reference(a, x2, m, 2, 3, 'VALID', 'ntk'))
+
+  gx, gm = jax.grad(loss32, argnums=(0, 1))(jnp.asarray(x1), jnp.asarray(metric))
+  x64, m64 = x1.astype(np.float64), metric.astype(np.float64)
+  for _ in range(4):
+    dx = rng.normal(size=x1.shape)
+    dm = rng.normal(size=metric.shape)
+    dm = dm + dm.T
+    eps = 1e-5
+    fd = (loss64(x64 + eps * dx, m64 + eps * dm) - loss64(x64 - eps * dx, m64 - eps * dm)) / (
+        2 * eps)
+    ad = float(jnp.sum(gx * dx) + jnp.sum(gm * dm))
+    assert abs(ad - float(fd)) <= 1e-4 * max(abs(float(fd)), 1.0), (ad, float(fd))
+
+
+def test_native_kernel_under_vmap_and_jit():
+  rng = np.random.default_rng(8)
+  xs = _images(rng, 12, 9, 9, 1).reshape(3, 4, 9, 9, 1)
+  y = _images(rng, 5, 9, 9, 1)
+  fn = jax.jit(jax.vmap(lambda a: jconvrfm.conv_ntk(a, y, depth=2, patch_size=3)))
+  batched = fn(xs)
+  for i in range(3):
+    tolerances.assert_rel_fro(batched[i], _float64_reference(xs[i], y, None, 2, 3, 'VALID',
+                                                             'ntk'), _F32_TOL, f'vmap {i}')
+
+
+def test_switched_off_or_unbuildable_native_kernel_falls_back_to_xla(monkeypatch, tmp_path):
+  rng = np.random.default_rng(9)
+  x1, x2 = _images(rng, 3, 8, 8, 1), _images(rng, 4, 8, 8, 1)
+  want = _float64_reference(x1, x2, None, 2, 3, 'VALID', 'ntk')
+  monkeypatch.setenv('JCONVRFM_NATIVE', '0')
+  assert not _uses_custom_call(x1, x2, None)
+  tolerances.assert_rel_fro(_raw(x1, x2, None, 2, 3, 'VALID', 'ntk'), want, _F32_TOL, 'off')
+  monkeypatch.delenv('JCONVRFM_NATIVE')
+  # A compiler that does not exist: the build fails once, with the reason kept and logged.
+  monkeypatch.setattr(native, '_state', {'tried': False, 'ok': False, 'reason': None,
+                                         'path': None})
+  monkeypatch.setenv('JCONVRFM_CACHE_DIR', str(tmp_path / 'cache'))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  assert not native.available()
+  assert 'no-such-compiler' in native.unavailable_reason()
+  assert not _uses_custom_call(x1, x2, None)
+  tolerances.assert_rel_fro(_raw(x1, x2, None, 2, 3, 'VALID', 'ntk'), want, _F32_TOL,
+                            'unbuildable')
+
+
+def test_build_is_cached_per_cache_dir(monkeypatch, tmp_path):
+  if shutil.which('c++') is None and shutil.which('g++') is None:
+    pytest.skip('no c++ / g++ on PATH')
+  monkeypatch.setenv('JCONVRFM_CACHE_DIR', str(tmp_path))
+  first = native._build()  # pylint: disable=protected-access
+  assert first.parent == tmp_path and first.exists()
+  stamp = first.stat().st_mtime_ns
+  assert native._build() == first  # pylint: disable=protected-access
+  assert first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize('padding,kind,depth,q', [
+    ('VALID', 'ntk', 3, 3), ('SAME', 'ntk', 2, 2), ('CIRCULAR', 'ntk', 1, 3),
+    ('VALID', 'nngp', 3, 3), ('SAME', 'nngp', 2, 3), ('CIRCULAR', 'nngp', 2, 2)])
+def test_native_gram_grads_are_as_accurate_as_xla_float32(padding, kind, depth, q):
+  # The kernel and its gradients w.r.t. the Grams (the predictor AGOP's reverse pass) against
+  # the float64 hand-written reverse pass (itself checked against autodiff and brute force in
+  # predictor_agop_test.py). The gradients of this ill-conditioned map lose accuracy in
+  # float32 on any path, so the native path must be within a small factor of the XLA float32
+  # path's own error, and below 2e-6 outright (measured: at most 2.8e-7 on both paths, 2-core
+  # Xeon, 2026-11-29). (Pairs at zero angle are left out: there the
+  # derivative 1 / sin t is singular and float32 rounding decides its value on either path;
+  # the AGOP sets those Gram entries exactly, see the predictor AGOP test below.)
+  rng = np.random.default_rng(sum(map(ord, padding + kind)) + depth)
+  x1, x2 = rng.normal(size=(3, 11, 10, 2)), rng.normal(size=(32, 11, 10, 2))
+  x1[0, :5] = 0.0     # zero patches: zero variances, the R = 0, D = 1/2 convention
+  x2[7, :, :6] = 0.0
+  p1, p2 = (np.asarray(jconvrfm.patches(jnp.asarray(x), q, padding='VALID')) for x in (x1, x2))
+  m = _psd(rng, q * q * 2).astype(np.float64)
+  g12 = np.einsum('ahwd,de,bhwe->hwab', p1, m, p2)
+  g1 = np.einsum('ahwd,de,ahwe->hwa', p1, m, p1)
+  g2 = np.einsum('bhwd,de,bhwe->hwb', p2, m, p2)
+  pad, knd = checks.Padding(padding), fused.Kind(kind)
+  want = fused.kernel_and_gram_grads_internal(g12, g1, g2, depth, q, pad, 2, knd)
+  g32 = [jnp.asarray(v, jnp.float32) for v in (g12, g1, g2)]
+  got = jax.jit(lambda a, b, c: native.kernel_and_gram_grads(a, b, c, depth, q, pad, 2,
+                                                             kind == 'ntk'))(*g32)
+  xla32 = fused.kernel_and_gram_grads_internal(*g32, depth, q, pad, 2, knd)
+  for name, n, x, w in zip(('K', 'dK/dg12', 'dK/dg1', 'dK/dg2'), got, xla32, want):
+    assert n.shape == w.shape and n.dtype == jnp.float32
+    err, err_xla = tolerances.rel_fro(n, w), tolerances.rel_fro(x, w)
+    assert err <= 2e-6 and err <= 3 * err_xla + 1e-7, (name, err, err_xla)
+
+
+def test_native_gram_grads_reject_unaligned_blocks():
+  g = jnp.zeros((4, 4, 2, 20), jnp.float32)
+  with pytest.raises(ValueError, match='multiple of 16'):
+    native.kernel_and_gram_grads(g, jnp.zeros((4, 4, 2), jnp.float32),
+                                 jnp.zeros((4, 4, 20), jnp.float32), 2, 3,
+                                 checks.Padding.VALID, 1, True)
+
