@@ -180,6 +180,46 @@ void SelfFactors(const Geometry& g, const float* k0, std::vector<float>& scratch
   }
 }
 
+// sqrt / inverse sqrt self-covariance factors of every layer: `s1`, `i1` per row image
+// (n1 x self_size), `s2`, `i2` per column block (blocks x self_size x kLanes). `row(a, p)` and
+// `col(b, p, k)` give the layer-1 self Gram of row image `a` and of lane `k` of column block `b`
+// at position `p`.
+struct SelfTables {
+  std::vector<float> s1, i1, s2, i2;
+};
+
+template <class Row, class Col>
+SelfTables MakeSelfTables(const Geometry& g, int64_t n1, int64_t blocks, int64_t self_size,
+                          float inv_channels, Row row, Col col) {
+  const int p0 = g.positions(0);
+  SelfTables t;
+  t.s1.resize(n1 * self_size);
+  t.i1.resize(t.s1.size());
+  t.s2.resize(blocks * self_size * kLanes);
+  t.i2.resize(t.s2.size());
+  std::vector<float> scratch, tmp, k0(p0), kb(static_cast<size_t>(p0) * kLanes);
+  for (int64_t a = 0; a < n1; ++a) {
+    for (int p = 0; p < p0; ++p) k0[p] = row(a, p) * inv_channels;
+    SelfFactors<1>(g, k0.data(), scratch, tmp, &t.s1[a * self_size], &t.i1[a * self_size]);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int p = 0; p < p0; ++p)
+      for (int k = 0; k < kLanes; ++k) kb[p * kLanes + k] = col(b, p, k) * inv_channels;
+    SelfFactors<kLanes>(g, kb.data(), scratch, tmp, &t.s2[b * self_size * kLanes],
+                        &t.i2[b * self_size * kLanes]);
+  }
+  return t;
+}
+
+// Runs `fn(w)` for workers w = 0 .. workers - 1, worker 0 on the calling thread.
+template <class Fn>
+void RunWorkers(int64_t workers, Fn fn) {
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(fn, w);
+  fn(0);
+  for (auto& th : pool) th.join();
+}
+
 struct Problem {
   Geometry g;
   int64_t n1, blocks, d;
@@ -387,47 +427,27 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
   pb.self_size = 0;
   for (int l = 0; l < pb.g.depth; ++l) pb.self_size += pb.g.positions(l);
 
-  // Self factors: rows one image at a time (lane width 1), columns kLanes at a time.
-  std::vector<float> s1(pb.n1 * pb.self_size), i1(pb.n1 * pb.self_size);
-  std::vector<float> s2(pb.blocks * pb.self_size * kLanes), i2(s2.size());
-  {
-    std::vector<float> scratch, tmp, k0(p0);
-    for (int64_t a = 0; a < pb.n1; ++a) {
-      for (int p = 0; p < p0; ++p) k0[p] = sq1.typed_data()[a * p0 + p] * inv_channels;
-      SelfFactors<1>(pb.g, k0.data(), scratch, tmp, &s1[a * pb.self_size],
-                     &i1[a * pb.self_size]);
-    }
-    std::vector<float> kb(static_cast<size_t>(p0) * kLanes);
-    for (int64_t b = 0; b < pb.blocks; ++b) {
-      const float* src = sq2.typed_data() + b * p0 * kLanes;
-      for (size_t k = 0; k < kb.size(); ++k) kb[k] = src[k] * inv_channels;
-      SelfFactors<kLanes>(pb.g, kb.data(), scratch, tmp, &s2[b * pb.self_size * kLanes],
-                          &i2[b * pb.self_size * kLanes]);
-    }
-  }
-  pb.s1 = s1.data();
-  pb.i1 = i1.data();
-  pb.s2 = s2.data();
-  pb.i2 = i2.data();
+  const float* sq1_data = sq1.typed_data();
+  const float* sq2_data = sq2.typed_data();
+  const SelfTables self = MakeSelfTables(
+      pb.g, pb.n1, pb.blocks, pb.self_size, inv_channels,
+      [&](int64_t a, int p) { return sq1_data[a * p0 + p]; },
+      [&](int64_t b, int p, int k) { return sq2_data[(b * p0 + p) * kLanes + k]; });
+  pb.s1 = self.s1.data();
+  pb.i1 = self.i1.data();
+  pb.s2 = self.s2.data();
+  pb.i2 = self.i2.data();
 
   // Column blocks outer (their patches stay in cache over all rows), spread over threads.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, pb.blocks));
-  auto run = [&pb](int64_t first, int64_t stride) {
+  RunWorkers(workers, [&pb, workers](int64_t w) {
     Workspace ws(pb.g);
-    for (int64_t b = first; b < pb.blocks; b += stride)
+    for (int64_t b = w; b < pb.blocks; b += workers)
       for (int64_t a = 0; a < pb.n1; ++a) {
         if (pb.ntk) Pair<true>(pb, a, b, ws);
         else Pair<false>(pb, a, b, ws);
       }
-  };
-  if (workers == 1) {
-    run(0, 1);
-  } else {
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w, workers);
-    run(0, workers);
-    for (auto& th : pool) th.join();
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -656,7 +676,6 @@ ffi::Error FusedCntkGradsImpl(ffi::Buffer<ffi::F32> g12, ffi::Buffer<ffi::F32> g
       return ffi::Error::InvalidArgument("fused_cntk_grads: the maps are too small for this depth");
     }
   }
-  const int p0 = pb.g.positions(0);
   pb.n1 = dims[2];
   pb.n2 = dims[3];
   pb.blocks = pb.n2 / kLanes;
@@ -669,32 +688,20 @@ ffi::Error FusedCntkGradsImpl(ffi::Buffer<ffi::F32> g12, ffi::Buffer<ffi::F32> g
   pb.b2 = b2->typed_data();
   pb.self_size = 0;
   for (int l = 0; l < pb.g.depth; ++l) pb.self_size += pb.g.positions(l);
-  std::vector<float> s1(pb.n1 * pb.self_size), i1(s1.size());
-  std::vector<float> s2(pb.blocks * pb.self_size * kLanes), i2(s2.size());
-  {
-    std::vector<float> scratch, tmp, k0(p0);
-    for (int64_t a = 0; a < pb.n1; ++a) {
-      for (int p = 0; p < p0; ++p) k0[p] = g1.typed_data()[p * pb.n1 + a] * inv_channels;
-      SelfFactors<1>(pb.g, k0.data(), scratch, tmp, &s1[a * pb.self_size],
-                     &i1[a * pb.self_size]);
-    }
-    std::vector<float> kb(static_cast<size_t>(p0) * kLanes);
-    for (int64_t b = 0; b < pb.blocks; ++b) {
-      for (int p = 0; p < p0; ++p)
-        for (int k = 0; k < kLanes; ++k)
-          kb[p * kLanes + k] = g2.typed_data()[p * pb.n2 + b * kLanes + k] * inv_channels;
-      SelfFactors<kLanes>(pb.g, kb.data(), scratch, tmp, &s2[b * pb.self_size * kLanes],
-                          &i2[b * pb.self_size * kLanes]);
-    }
-  }
-  pb.s1 = s1.data();
-  pb.i1 = i1.data();
-  pb.s2 = s2.data();
-  pb.i2 = i2.data();
+  const float* g1_data = g1.typed_data();
+  const float* g2_data = g2.typed_data();
+  const SelfTables self = MakeSelfTables(
+      pb.g, pb.n1, pb.blocks, pb.self_size, inv_channels,
+      [&](int64_t a, int p) { return g1_data[p * pb.n1 + a]; },
+      [&](int64_t b, int p, int k) { return g2_data[p * pb.n2 + b * kLanes + k]; });
+  pb.s1 = self.s1.data();
+  pb.i1 = self.i1.data();
+  pb.s2 = self.s2.data();
+  pb.i2 = self.i2.data();
   // Work items (column block, row) in column-block-major order, split into contiguous ranges.
   const int64_t items = pb.blocks * pb.n1;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  auto run = [&pb, items, workers](int64_t w) {
+  RunWorkers(workers, [&pb, items, workers](int64_t w) {
     GradWorkspace ws(pb.g, pb.self_size);
     const int64_t first = items * w / workers, end = items * (w + 1) / workers;
     for (int64_t it = first; it < end; ++it) {
@@ -702,15 +709,7 @@ ffi::Error FusedCntkGradsImpl(ffi::Buffer<ffi::F32> g12, ffi::Buffer<ffi::F32> g
       if (pb.ntk) PairGrads<true>(pb, a, b, ws);
       else PairGrads<false>(pb, a, b, ws);
     }
-  };
-  if (workers == 1) {
-    run(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w);
-    run(0);
-    for (auto& th : pool) th.join();
-  }
+  });
   return ffi::Error::Success();
 }
 
