@@ -13,6 +13,7 @@ import pytest
 
 import jconvrfm
 from jconvrfm._src import checks
+from jconvrfm._src import predictor_agop
 from jconvrfm._src.kernels import fused
 from jconvrfm._src.kernels import native
 from tests import tolerances
@@ -231,3 +232,125 @@ def test_native_gram_grads_reject_unaligned_blocks():
                                  jnp.zeros((4, 4, 20), jnp.float32), 2, 3,
                                  checks.Padding.VALID, 1, True)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused predictor AGOP (`native.predictor_agop_rows`, routed by `predictor_agop`).
+# ----------------------------------------------------------------------------------------------
+
+
+def _agop(x, alpha, q, depth, padding, kind, metric, native_flag, z=None, z_indices=None):
+  k = fused.GramConvKernel(depth=depth, patch_size=q, padding=checks.Padding(padding),
+                           channels=x.shape[-1], kind=fused.Kind(kind))
+  return predictor_agop.predictor_agop_from_grams(
+      k, x, alpha, z, z_indices=z_indices, patch_size=q, padding=padding, metric=metric,
+      native=native_flag)
+
+
+# float32 native AGOP against the float64 XLA path on the same float32 inputs: at most
+# 2.5e-7 (relative Frobenius) over the cases below (2-core Xeon, 2026-11-29).
+@pytest.mark.parametrize('padding,kind,q,depth,channels,classes,with_metric', [
+    ('SAME', 'ntk', 3, 3, 1, 10, True), ('VALID', 'ntk', 3, 2, 2, 3, False),
+    ('CIRCULAR', 'ntk', 2, 2, 2, 4, True), ('VALID', 'nngp', 3, 3, 1, 2, True),
+    ('SAME', 'nngp', 2, 1, 3, 5, False), ('CIRCULAR', 'nngp', 3, 2, 1, 1, True)])
+def test_native_predictor_agop_equals_float64_reference(padding, kind, q, depth, channels,
+                                                         classes, with_metric):
+  # 37 training images: two full blocks of 16 lanes and a padded one; the samples are all of
+  # them (pairs of an image with itself take the exact-Gram convention) or fresh images.
+  rng = np.random.default_rng(sum(map(ord, padding + kind)) + 10 * q + depth)
+  x = _images(rng, 37, 9, 8, channels)
+  alpha = rng.normal(size=(37, classes)).astype(np.float32)
+  metric = _psd(rng, q * q * channels) if with_metric else None
+  z = _images(rng, 5, 9, 8, channels)
+  m64 = None if metric is None else jnp.asarray(metric, jnp.float64)
+  x64, a64, z64 = (jnp.asarray(v, jnp.float64) for v in (x, alpha, z))
+  for name, kw, kw64 in (('training samples', {'z_indices': np.arange(37)},
+                          {'z_indices': np.arange(37)}),
+                         ('subset', {'z_indices': np.arange(3, 30, 2)},
+                          {'z_indices': np.arange(3, 30, 2)}),
+                         ('fresh samples', {'z': z}, {'z': z64})):
+    got = _agop(x, alpha, q, depth, padding, kind, metric, True, **kw)
+    want = _agop(x64, a64, q, depth, padding, kind, m64, False, **kw64)
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    tolerances.assert_rel_fro(got, want, _F32_TOL, name)
+
+
+def test_native_predictor_agop_handles_zero_patches_like_the_reference():
+  # Zero images and zero bands (zero variances, R = 0 and D = 1/2) and a low-rank metric. The
+  # rank-2 metric makes many patch pairs nearly parallel, where the NTK's derivative
+  # 1 / sin t is ill-conditioned and float32 loses accuracy on any path: the native path must
+  # then be within 2x of the XLA float32 path's own error (measured against float64, 2-core
+  # Xeon, 2026-11-29: NTK 2.4e-5 native, 4.0e-5 XLA; NNGP 5.6e-8 and 1.2e-7).
+  rng = np.random.default_rng(11)
+  x = _images(rng, 20, 10, 10, 1)
+  x[0] = 0.0
+  x[4, :6] = 0.0
+  x[9, :, :7] = 0.0
+  alpha = rng.normal(size=(20, 3)).astype(np.float32)
+  metric = _psd(rng, 9, rank=2)
+  for kind in ('ntk', 'nngp'):
+    got = _agop(x, alpha, 3, 3, 'VALID', kind, metric, True, z_indices=np.arange(20))
+    xla32 = _agop(x, alpha, 3, 3, 'VALID', kind, metric, False, z_indices=np.arange(20))
+    want = _agop(jnp.asarray(x, jnp.float64), jnp.asarray(alpha, jnp.float64), 3, 3, 'VALID',
+                 kind, jnp.asarray(metric, jnp.float64), False, z_indices=np.arange(20))
+    assert bool(jnp.all(jnp.isfinite(got)))
+    err, err_xla = tolerances.rel_fro(got, want), tolerances.rel_fro(xla32, want)
+    assert err <= max(_F32_TOL, 2 * err_xla), (kind, err, err_xla)
+
+
+def test_native_predictor_agop_is_the_default_and_independent_of_threads(monkeypatch):
+  # float32 on the CPU takes the native path by default; every sample's sum is computed by the
+  # same code whichever thread owns it, so the result is bitwise the same for any count.
+  rng = np.random.default_rng(12)
+  x, alpha = _images(rng, 35, 8, 8, 1), rng.normal(size=(35, 4)).astype(np.float32)
+  calls = []
+  real = native.predictor_agop_rows
+  monkeypatch.setattr(native, 'predictor_agop_rows',
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  outs = []
+  for n in ('1', '3'):
+    monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', n)
+    jax.clear_caches()
+    outs.append(np.asarray(_agop(x, alpha, 3, 2, 'SAME', 'ntk', None, None,
+                                 z_indices=np.arange(35))))
+  assert calls
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_native_predictor_agop_falls_back_and_says_why(monkeypatch):
+  rng = np.random.default_rng(13)
+  x, alpha = _images(rng, 18, 8, 8, 1), rng.normal(size=(18, 2)).astype(np.float32)
+  x64, a64 = jnp.asarray(x, jnp.float64), jnp.asarray(alpha, jnp.float64)
+  with pytest.raises(ValueError, match='float64, not float32'):
+    _agop(x64, a64, 3, 2, 'SAME', 'ntk', None, True, z_indices=np.arange(18))
+  with pytest.raises(TypeError, match='`native`'):
+    _agop(x, alpha, 3, 2, 'SAME', 'ntk', None, 'yes', z_indices=np.arange(18))
+  # Switched off, the default is the XLA path: bitwise what native=False computes.
+  want = _agop(x, alpha, 3, 2, 'SAME', 'ntk', None, False, z_indices=np.arange(18))
+  monkeypatch.setenv('JCONVRFM_NATIVE', '0')
+  with pytest.raises(ValueError, match='JCONVRFM_NATIVE'):
+    _agop(x, alpha, 3, 2, 'SAME', 'ntk', None, True, z_indices=np.arange(18))
+  got = _agop(x, alpha, 3, 2, 'SAME', 'ntk', None, None, z_indices=np.arange(18))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_native_predictor_agop_reports_progress_per_chunk():
+  rng = np.random.default_rng(14)
+  x, alpha = _images(rng, 21, 8, 8, 1), rng.normal(size=(21, 2)).astype(np.float32)
+  done = []
+  k = fused.GramConvKernel(depth=2, patch_size=3, padding=checks.Padding.SAME, channels=1)
+  predictor_agop.predictor_agop_from_grams(k, x, alpha, z_indices=np.arange(21), patch_size=3,
+                                           padding='SAME', progress=done.append, native=True)
+  assert sum(done) == 21 and len(done) > 1
+
+
+def test_native_predictor_agop_rows_rejects_bad_blocking():
+  rng = np.random.default_rng(15)
+  x = jnp.asarray(_images(rng, 16, 6, 6, 1))
+  p = jconvrfm.patches(x, 3, padding='SAME')
+  sq = jnp.sum(p * p, axis=-1)
+  blocks = native.train_blocks(p, sq, jnp.ones((16, 2), jnp.float32))
+  for group, tile in ((0, 1), (17, 1), (4, 0)):
+    with pytest.raises(ValueError, match='group|row_tile'):
+      native.predictor_agop_rows(p, p, sq, jnp.arange(16), blocks, 2, 3, checks.Padding.SAME,
+                                 1, True, group=group, row_tile=tile)

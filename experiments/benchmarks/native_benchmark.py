@@ -5,8 +5,9 @@ VALID, a random PSD patch metric, float32, uniform pixels):
 
 * `kernel`: the `(n, n)` fused CNTK matrix (`fused.fused_conv_kernel`, as ConvRFM's evaluation
   tiles call it);
-* `agop`: the predictor AGOP over `--agop_n` training images as samples (symmetric path, the
-  default aligned blocks, 10 classes), as ConvRFM's AGOP step calls it.
+* `agop`: the predictor AGOP over `--agop_n` training images as samples (10 classes), as
+  ConvRFM's AGOP step calls it: the fused native custom call (every ordered pair) against the
+  XLA symmetric path (each unordered pair once, the default aligned blocks).
 
 Each (phase, path) runs in a fresh subprocess with `JCONVRFM_NATIVE=1` (native custom calls) or
 `0` (the XLA path), compiles once, then times `--repeats` calls; the table gives the medians,

@@ -29,6 +29,13 @@ When the samples are all the training images (the ConvRFM default), pairs `(x_i,
 `(x_j, x_i)` share Grams and reverse pass, so each unordered pair is evaluated once and both
 directions are contracted from it (`symmetric=True`).
 
+On a CPU, float32 AGOPs of such a kernel with a native path (`native_agop_rows`, the fused
+CNTK's C++ custom call, `kernels/native.py`) run the reverse pass of each (sample, 16 training
+images) pair block and its contraction with the training patches in cache, in one call per
+chunk of samples: no pair-sized array is ever written. It evaluates every ordered pair (twice
+the reverse passes of the symmetric XLA path) and is still 1.5-1.6x faster than it on a 2-core
+Xeon (see WORKSPACE.md); float64, accelerators and several devices keep the XLA paths.
+
 Generic path (`predictor_agop_autodiff`): any kernel defined on explicit patch tensors (for
 example a neural-tangents stax kernel fed with expanded patch images), differentiated with
 `jax.jacrev` (all classes in one vectorised reverse pass), chunked in the same way. It is also
@@ -54,6 +61,7 @@ import numpy as np
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
 from jconvrfm._src import tiling
+from jconvrfm._src.kernels import native as native_lib
 
 # (gram12 (n1, n2, H', W'), sq1 (n1, H', W'), sq2 (n2, H', W')) -> (n1, n2)
 GramKernelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -556,7 +564,8 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                               block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                               progress: Optional[Callable[[int], None]] = None,
                               symmetric: bool = True,
-                              devices: Optional[Sequence[jax.Device]] = None) -> jax.Array:
+                              devices: Optional[Sequence[jax.Device]] = None,
+                              native: Optional[bool] = None) -> jax.Array:
   """Patch AGOP of `f_c(z) = sum_i alpha_ic K(x_i, z)` for a Gram-based conv kernel, fast.
 
   Args:
@@ -592,6 +601,10 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
       device keeps its own running sums, and these are added on `devices[0]` at the end.
       Each device compiles the block programs once. The result is the same up to float
       rounding for any number of devices (the summation order changes with it).
+    native: the fused native CPU path (`kernel_from_grams.native_agop_rows`, see the module
+      docstring): None uses it where it applies (float32, CPU default backend, one device,
+      the native library available), False never, True requires it (a `ValueError` says why
+      it does not apply). `symmetric`, the block sizes and `devices` concern the XLA paths.
 
   Returns:
     `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
@@ -621,6 +634,11 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   else:
     pz_all, sqz_all = px[idx], sqx[idx]   # bitwise the training values
   s = pz_all.shape[0]
+  if _native_applies(kernel_from_grams, x_train.dtype, devices, native):
+    mpz_all = mpx[idx] if z_indices is not None else _metric_patches(pz_all, metric)[0]
+    acc = _native_agop_sum(kernel_from_grams, px, mpx, sqx, alpha, pz_all, mpz_all, sqz_all,
+                           idx, progress)
+    return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (native path)')
   # A kernel that brings its own reverse pass (the fused CNTK) skips autodiff.
   hand_written = hasattr(kernel_from_grams, 'grads_spatial_leading')
   if hand_written:
@@ -677,6 +695,61 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   acc = work.gather('acc', zero_acc)
   g = metric @ acc @ metric / s
   return _check_result(g, 'kernel predictor AGOP (fused path)')
+
+
+def _native_applies(kernel, dtype, devices, native: Optional[bool]) -> bool:
+  """Whether `predictor_agop_from_grams` takes the native path (see its `native` argument)."""
+  if native is not None and not isinstance(native, bool):
+    raise TypeError(f'`native` must be None, True or False, got {native!r}.')
+  if native is False:
+    return False
+  reasons = []
+  if not hasattr(kernel, 'native_agop_rows'):
+    reasons.append(f'the kernel {type(kernel).__name__} has no native path')
+  if jnp.dtype(dtype) != jnp.float32:
+    reasons.append(f'the dtype is {jnp.dtype(dtype)}, not float32')
+  devices = _check_devices(devices)
+  if len(devices) != 1 or devices[0].platform != 'cpu' or jax.default_backend() != 'cpu':
+    reasons.append('it runs on one CPU device only (the default backend must be the CPU)')
+  if not reasons and not native_lib.available():
+    reasons.append(f'the native library is unavailable: {native_lib.unavailable_reason()}')
+  if native and reasons:
+    raise ValueError('native=True, but the native AGOP path does not apply: ' +
+                     '; '.join(reasons) + '.')
+  return not reasons
+
+
+# Calls of the native path per AGOP (each reports progress when it finishes).
+_NATIVE_CHUNKS = 8
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _native_rows(kernel, pz, mpz, sqz, zidx, blocks):
+  return kernel.native_agop_rows(pz, mpz, sqz, zidx, blocks)
+
+
+def _native_agop_sum(kernel, px, mpx, sqx, alpha, pz, mpz, sqz, idx, progress) -> jax.Array:
+  """`sum_{z, c, p} v v^T` through the native custom call, in chunks of samples.
+
+  Chunks have one size (the last padded with zero images whose rows are dropped), so the call
+  compiles once; each returns its samples' `(d, d)` sums, added in sample order.
+  """
+  s = pz.shape[0]
+  blocks = jax.jit(native_lib.train_blocks)(px, sqx, alpha)
+  chunk = -(-s // _NATIVE_CHUNKS)
+  s_pad = -(-s // chunk) * chunk
+  pz, mpz, sqz = (_pad_axis0(a, s_pad) for a in (pz, mpz, sqz))
+  zidx = jnp.asarray(np.concatenate([idx[:s], np.full(s_pad - s, -1)]).astype(np.int32))
+  acc = jnp.zeros((px.shape[-1],) * 2, px.dtype)
+  for z0 in range(0, s_pad, chunk):
+    z1 = min(z0 + chunk, s)
+    rows = _native_rows(kernel, pz[z0:z0 + chunk], mpz[z0:z0 + chunk], sqz[z0:z0 + chunk],
+                        zidx[z0:z0 + chunk], blocks)
+    acc = acc + jnp.sum(rows[:z1 - z0], axis=0)
+    if progress is not None:
+      jax.block_until_ready(acc)
+      progress(z1 - z0)
+  return acc
 
 
 # ----------------------------------------------------------------------------------------------

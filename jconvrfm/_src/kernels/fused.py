@@ -558,12 +558,21 @@ class GramConvKernel:
   def grads_spatial_leading(self, g12: jax.Array, g1: jax.Array, g2: jax.Array):
     """`(K, dK/dg12, dK/dg1, dK/dg2)` for `(H', W', n1, n2)`, `(H', W', n1)`, `(H', W', n2)`.
 
-    Always the XLA path: the native `native.kernel_and_gram_grads` is 3x faster per reverse-
-    pass tile, but routed here it made the whole 800-image AGOP slower on a 2-core CPU
-    (17.8-18.4 s against 13.6-14.6 s per round, 2026-11-29), so it is not used by default.
+    Always the XLA path: the native `native.kernel_and_gram_grads` writes three pair-sized
+    arrays that the contractions then read back, and routed here it made the whole 800-image
+    AGOP slower on a 2-core CPU (17.8-18.4 s against 13.6-14.6 s per round, 2026-11-29). The
+    native AGOP path (`native_agop_rows`) fuses the contractions instead.
     """
     return kernel_and_gram_grads_internal(g12, g1, g2, self.depth, self.patch_size,
                                           self.padding, self.channels, self.kind)
+
+  def native_agop_rows(self, pz, mpz, sqz, zidx, blocks):
+    """Per-sample predictor-AGOP sums through the native custom call (float32, CPU).
+
+    See `native.predictor_agop_rows`; `predictor_agop.predictor_agop_from_grams` calls it.
+    """
+    return native.predictor_agop_rows(pz, mpz, sqz, zidx, blocks, self.depth, self.patch_size,
+                                      self.padding, self.channels, self.kind == Kind.NTK)
 
 
 # Pairs per tile times spatial positions: ~2^19 keeps a tile's intermediates (2 MiB each in

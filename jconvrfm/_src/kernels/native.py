@@ -19,6 +19,13 @@ Use `fused.fused_conv_kernel`, which routes float32 CPU calls here through
 `jax.lax.platform_dependent` (so the same jitted function still lowers to the XLA path on a
 GPU or TPU) and differentiates through the XLA path.
 
+The same library holds the kernel's reverse pass w.r.t. the patch Grams
+(`kernel_and_gram_grads`, tested, not routed) and the fused predictor AGOP
+(`predictor_agop_rows`): per (sample, 16 training images) the reverse pass and its
+contraction with the training patches and coefficients run in cache, and only each sample's
+`d x d` sum leaves the call. `predictor_agop.predictor_agop_from_grams` routes float32 AGOPs
+of `fused.GramConvKernel` on a single CPU device to it.
+
 References:
   XLA custom calls and the typed FFI: https://openxla.org/xla/custom_call
   JAX foreign function interface: https://docs.jax.dev/en/latest/ffi.html
@@ -50,6 +57,8 @@ TARGET = 'jconvrfm_fused_cntk_f32'
 SYMBOL = 'JconvrfmFusedCntkF32'
 GRADS_TARGET = 'jconvrfm_fused_cntk_grads_f32'
 GRADS_SYMBOL = 'JconvrfmFusedCntkGradsF32'
+AGOP_TARGET = 'jconvrfm_fused_cntk_agop_f32'
+AGOP_SYMBOL = 'JconvrfmFusedCntkAgopF32'
 LANES = 16  # column images per vector block (kLanes in the source)
 _PADDING_CODES = {checks.Padding.VALID: 0, checks.Padding.SAME: 1,
                   checks.Padding.CIRCULAR: 2}
@@ -178,7 +187,8 @@ def available() -> bool:
       try:
         path = _build()
         lib = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in ((TARGET, SYMBOL), (GRADS_TARGET, GRADS_SYMBOL)):
+        for target, symbol in ((TARGET, SYMBOL), (GRADS_TARGET, GRADS_SYMBOL),
+                               (AGOP_TARGET, AGOP_SYMBOL)):
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform='cpu')
         _state.update(ok=True, reason=None, path=str(path))
@@ -264,3 +274,70 @@ def kernel_and_gram_grads(g12: jax.Array, g1: jax.Array, g2: jax.Array, depth: i
               padding=np.int64(_PADDING_CODES[padding]),
               inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
               threads=np.int64(threads()))
+
+
+# Column blocks whose reverse passes are contracted together (one lane reduction per group),
+# and samples per tile sharing each group's training data. Measured on a 2-core Xeon (42 x 42,
+# depth 3, 800 images): see WORKSPACE.md, "Native predictor AGOP".
+AGOP_GROUP = 4
+AGOP_ROW_TILE = 4
+
+
+def train_blocks(px: jax.Array, sqx: jax.Array, alpha: jax.Array):
+  """Training patches, squared norms and coefficients in the custom call's lane layout.
+
+  `px` `(n, H', W', d)` untransformed patches, `sqx` `(n, H', W')`, `alpha` `(n, classes)`
+  -> `(blocks, P, d, 16)`, `(blocks, P, 16)`, `(blocks, classes, 16)`; padded images are zero
+  images with zero coefficients (zero variances: finite, and no contribution).
+  """
+  n, h, w, d = px.shape
+  blocks = -(-n // LANES)
+  extra = blocks * LANES - n
+  if extra:
+    px, sqx, alpha = (jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+                      for a in (px, sqx, alpha))
+  px = px.reshape(blocks, LANES, h * w, d).transpose(0, 2, 3, 1)
+  sqx = sqx.reshape(blocks, LANES, h * w).transpose(0, 2, 1)
+  alpha = alpha.reshape(blocks, LANES, -1).transpose(0, 2, 1)
+  return px, sqx, alpha
+
+
+def predictor_agop_rows(pz: jax.Array, mpz: jax.Array, sqz: jax.Array, zidx: jax.Array,
+                        blocks, depth: int, q: int, padding: checks.Padding, channels: int,
+                        ntk: bool, group: int = AGOP_GROUP,
+                        row_tile: int = AGOP_ROW_TILE) -> jax.Array:
+  """Per-sample `sum_{p, c} v v^T` of the predictor AGOP, fused (float32, CPU only).
+
+  `v[p, c] = sum_i alpha_ic (A_i[p] x_i[p] + 2 B_i[p] z[p])` as in `predictor_agop.py`, with
+  `A`, `B` the kernel's gradients w.r.t. the sample's Gram entries and squared norms; the
+  reverse passes and the contractions run in one custom call, in cache.
+
+  Args:
+    pz: `(s, H', W', d)` untransformed sample patches; `mpz = pz @ M`; `sqz` `(s, H', W')`
+      their squared M-norms (bitwise those of the training images for samples that are).
+    zidx: `(s,)` int32 index of each sample among the training images, or -1: that pair's
+      correlation is exactly 1 at every layer (the derivative conventions at coinciding
+      inputs), and its Gram entry is `sqz`.
+    blocks: `train_blocks(px, sqx, alpha)` of the training images.
+    depth, q, padding, channels, ntk: the kernel (`fused.GramConvKernel`).
+    group, row_tile: blocking of the loops (performance only).
+
+  Returns:
+    `(s, d, d)` float32. Requires `available()`.
+  """
+  if not 1 <= group <= 16:
+    raise ValueError(f'predictor_agop_rows: group must lie in [1, 16], got {group}.')
+  if row_tile < 1:
+    raise ValueError(f'predictor_agop_rows: row_tile must be positive, got {row_tile}.')
+  _require()
+  px, sqx, alpha = blocks
+  s, h, w, d = pz.shape
+  call = jax.ffi.ffi_call(AGOP_TARGET, jax.ShapeDtypeStruct((s, d, d), jnp.float32),
+                          vmap_method='sequential')
+  return call(pz.reshape(s, h * w, d), mpz.reshape(s, h * w, d), sqz.reshape(s, h * w),
+              zidx.astype(jnp.int32), px, sqx, alpha,
+              height=np.int64(h), width=np.int64(w), q=np.int64(q), depth=np.int64(depth),
+              padding=np.int64(_PADDING_CODES[padding]),
+              inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
+              threads=np.int64(threads()), group=np.int64(group),
+              row_tile=np.int64(row_tile))

@@ -6,7 +6,10 @@
 // (spatial mean). XLA's CPU code streams every intermediate of a tile through memory between
 // fusions; here one pair of (row image, block of kLanes column images) runs the whole
 // recursion in buffers that stay in the core's L2 cache, vectorised over the kLanes column
-// images, and column blocks are spread over threads.
+// images, and column blocks are spread over threads. The same recursion's hand-written reverse
+// pass (`ReversePass`) serves two more handlers: the kernel's gradients w.r.t. the patch Grams,
+// and the fused patch AGOP of a kernel predictor, which contracts each pair block's gradients
+// with the training patches while they are still in cache.
 //
 // References:
 //   S. Arora et al. On Exact Computation with an Infinitely Wide Neural Net. NeurIPS 2019.
@@ -61,15 +64,56 @@ inline float Acos(float c) {
 enum Padding : int64_t { kValid = 0, kSame = 1, kCircular = 2 };
 
 // Spatial sizes of every layer and the window padding between consecutive layers.
+// A sum of input entries per output entry along one axis: output `i` adds the inputs
+// `src[start[i] .. start[i + 1])` (a compressed sparse row table).
+struct Gather1D {
+  std::vector<int> start, src;
+  int size() const { return static_cast<int>(start.size()) - 1; }
+};
+
 struct Geometry {
   int q = 0;
   int depth = 0;
   Padding padding = kValid;
   std::vector<int> h, w;        // layer l: h[l] x w[l] positions
   std::vector<int> pad_h, pad_w;  // padding before, from layer l to l + 1
+  // Window sums from layer l to l + 1 along each axis and their adjoints, as gathers.
+  std::vector<Gather1D> sum_h, sum_w, adj_h, adj_w;
 
   int positions(int l) const { return h[l] * w[l]; }
 };
+
+// Sources of a length-q window of an axis of `size_in` entries into output entry `i`,
+// padded like the convolution (skipped zeros, or wrapped).
+std::vector<int> WindowSources(int q, Padding padding, int i, int pad, int size_in) {
+  std::vector<int> src;
+  for (int di = 0; di < q; ++di) {
+    int s = i - pad + di;
+    if (padding == kCircular) s = ((s % size_in) + size_in) % size_in;
+    else if (s < 0 || s >= size_in) continue;
+    src.push_back(s);
+  }
+  return src;
+}
+
+// The window sum along one axis (`adjoint` false) or its adjoint, which scatters each output
+// back onto its window: as a gather, input `i` of the sum feeds output `s` of the adjoint.
+Gather1D WindowGather(int q, Padding padding, int pad, int size_in, int size_out, bool adjoint) {
+  std::vector<std::vector<int>> lists(adjoint ? size_in : size_out);
+  for (int i = 0; i < size_out; ++i) {
+    for (int s : WindowSources(q, padding, i, pad, size_in)) {
+      if (adjoint) lists[s].push_back(i);
+      else lists[i].push_back(s);
+    }
+  }
+  Gather1D out;
+  out.start.push_back(0);
+  for (const auto& l : lists) {
+    out.src.insert(out.src.end(), l.begin(), l.end());
+    out.start.push_back(static_cast<int>(out.src.size()));
+  }
+  return out;
+}
 
 Geometry MakeGeometry(int h0, int w0, int q, int depth, Padding padding) {
   Geometry g;
@@ -91,37 +135,35 @@ Geometry MakeGeometry(int h0, int w0, int q, int depth, Padding padding) {
       g.w.push_back(g.w[l]);
     }
   }
+  for (int l = 0; l < depth; ++l) {
+    if (g.h[l] < 1 || g.w[l] < 1) return g;  // rejected by the caller
+  }
+  for (int l = 0; l + 1 < depth; ++l) {
+    for (bool adjoint : {false, true}) {
+      (adjoint ? g.adj_h : g.sum_h).push_back(
+          WindowGather(q, padding, g.pad_h[l], g.h[l], g.h[l + 1], adjoint));
+      (adjoint ? g.adj_w : g.sum_w).push_back(
+          WindowGather(q, padding, g.pad_w[l], g.w[l], g.w[l + 1], adjoint));
+    }
+  }
   return g;
 }
 
-// Source indices of a length-q window ending layer `l`'s axis of `size_in` entries into
-// output entry `i`, padded like the convolution (skipped zeros, or wrapped); returns how many.
-inline int WindowSources(const Geometry& g, int i, int pad, int size_in, int* src) {
-  int n = 0;
-  for (int di = 0; di < g.q; ++di) {
-    int s = i - pad + di;
-    if (g.padding == kCircular) s = ((s % size_in) + size_in) % size_in;
-    else if (s < 0 || s >= size_in) continue;
-    src[n++] = s;
-  }
-  return n;
-}
-
-// q x q window sums of `in` (h[l] x w[l] x L) into `out` (h[l+1] x w[l+1] x L), padded like
-// the convolution; `tmp` holds h[l+1] x w[l] x L. Separable: rows, then columns.
+// Separable 2-D gather of `in` (rows.size-in x cols-in x L) into `out` (rows.size() x
+// cols.size() x L): rows first into `tmp` (rows.size() x cols_in x L), then columns.
 template <int L>
-void WindowSum(const Geometry& g, int l, const float* in, float* tmp, float* out) {
-  const int hi = g.h[l], wi = g.w[l], ho = g.h[l + 1], wo = g.w[l + 1];
-  std::vector<int> src(g.q);
-  const size_t row = static_cast<size_t>(wi) * L;
-  for (int i = 0; i < ho; ++i) {
-    const int n = WindowSources(g, i, g.pad_h[l], hi, src.data());
+void Gather2D(const Gather1D& rows, const Gather1D& cols, int cols_in, const float* in,
+              float* tmp, float* out) {
+  const size_t row = static_cast<size_t>(cols_in) * L;
+  for (int i = 0; i < rows.size(); ++i) {
+    const int* src = rows.src.data() + rows.start[i];
+    const int n = rows.start[i + 1] - rows.start[i];
     float* t = tmp + i * row;
     if (n == 0) {
       std::fill(t, t + row, 0.0f);
       continue;
     }
-    // Sum the source rows in one pass, kLanes at a time (2 or 3 rows are the common cases).
+    // Sum the source rows in one pass (2 or 3 rows are the common cases).
     const float* s0 = in + src[0] * row;
     const float* s1 = n > 1 ? in + src[1] * row : nullptr;
     const float* s2 = n > 2 ? in + src[2] * row : nullptr;
@@ -137,21 +179,40 @@ void WindowSum(const Geometry& g, int l, const float* in, float* tmp, float* out
       }
     }
   }
-  std::vector<int> col_src(static_cast<size_t>(wo) * g.q), col_n(wo);
-  for (int j = 0; j < wo; ++j) col_n[j] = WindowSources(g, j, g.pad_w[l], wi, &col_src[j * g.q]);
-  for (int i = 0; i < ho; ++i) {
+  const int wo = cols.size();
+  for (int i = 0; i < rows.size(); ++i) {
     const float* t = tmp + i * row;
     for (int j = 0; j < wo; ++j) {
       float* o = out + (static_cast<size_t>(i) * wo + j) * L;
-      const int* cs = &col_src[j * g.q];
-      float acc[L] = {};
-      for (int k = 0; k < col_n[j]; ++k) {
-        const float* s = t + static_cast<size_t>(cs[k]) * L;
-        for (int e = 0; e < L; ++e) acc[e] += s[e];
+      if constexpr (L == kLanes) {  // one vector register (a float[16] loop went scalar)
+        Vec acc = Zero();
+        for (int k = cols.start[j]; k < cols.start[j + 1]; ++k)
+          acc += Load(t + static_cast<size_t>(cols.src[k]) * L);
+        Store(o, acc);
+      } else {
+        float acc[L] = {};
+        for (int k = cols.start[j]; k < cols.start[j + 1]; ++k) {
+          const float* s = t + static_cast<size_t>(cols.src[k]) * L;
+          for (int e = 0; e < L; ++e) acc[e] += s[e];
+        }
+        for (int e = 0; e < L; ++e) o[e] = acc[e];
       }
-      for (int e = 0; e < L; ++e) o[e] = acc[e];
     }
   }
+}
+
+// q x q window sums of `in` (h[l] x w[l] x L) into `out` (h[l+1] x w[l+1] x L), padded like
+// the convolution; `tmp` holds h[l+1] x w[l] x L.
+template <int L>
+void WindowSum(const Geometry& g, int l, const float* in, float* tmp, float* out) {
+  Gather2D<L>(g.sum_h[l], g.sum_w[l], g.w[l], in, tmp, out);
+}
+
+// Adjoint of WindowSum: scatters `in` (h[l+1] x w[l+1] x L) back onto `out` (h[l] x w[l] x L),
+// as a gather; `tmp` holds h[l] x w[l+1] x L.
+template <int L>
+void WindowSumTranspose(const Geometry& g, int l, const float* in, float* tmp, float* out) {
+  Gather2D<L>(g.adj_h[l], g.adj_w[l], g.w[l + 1], in, tmp, out);
 }
 
 // Per image and layer: sqrt of the self covariance K_l(x, x) (0 where it is not positive) and
@@ -186,13 +247,27 @@ void SelfFactors(const Geometry& g, const float* k0, std::vector<float>& scratch
 // at position `p`.
 struct SelfTables {
   std::vector<float> s1, i1, s2, i2;
+  int64_t self_size = 0;  // sum over layers of positions
+
+  // Points a problem's `s1`, `i1`, `s2`, `i2` and `self_size` at these tables.
+  template <class Problem>
+  void AttachTo(Problem& pb) const {
+    pb.s1 = s1.data();
+    pb.i1 = i1.data();
+    pb.s2 = s2.data();
+    pb.i2 = i2.data();
+    pb.self_size = self_size;
+  }
 };
 
 template <class Row, class Col>
-SelfTables MakeSelfTables(const Geometry& g, int64_t n1, int64_t blocks, int64_t self_size,
-                          float inv_channels, Row row, Col col) {
+SelfTables MakeSelfTables(const Geometry& g, int64_t n1, int64_t blocks, float inv_channels,
+                          Row row, Col col) {
   const int p0 = g.positions(0);
   SelfTables t;
+  int64_t self_size = 0;
+  for (int l = 0; l < g.depth; ++l) self_size += g.positions(l);
+  t.self_size = self_size;
   t.s1.resize(n1 * self_size);
   t.i1.resize(t.s1.size());
   t.s2.resize(blocks * self_size * kLanes);
@@ -209,6 +284,15 @@ SelfTables MakeSelfTables(const Geometry& g, int64_t n1, int64_t blocks, int64_t
                         &t.i2[b * self_size * kLanes]);
   }
   return t;
+}
+
+// MakeSelfTables for row self Grams `sq1` (n1, P0) and column ones `sq2` (blocks, P0, kLanes).
+SelfTables LaneLayoutSelfTables(const Geometry& g, int64_t n1, int64_t blocks,
+                                float inv_channels, const float* sq1, const float* sq2) {
+  const int p0 = g.positions(0);
+  return MakeSelfTables(
+      g, n1, blocks, inv_channels, [&](int64_t a, int p) { return sq1[a * p0 + p]; },
+      [&](int64_t b, int p, int k) { return sq2[(b * p0 + p) * kLanes + k]; });
 }
 
 // Runs `fn(w)` for workers w = 0 .. workers - 1, worker 0 on the calling thread.
@@ -250,7 +334,9 @@ struct Workspace {
 
 // The ReLU map of one position for kLanes pairs: `R`, and `Theta D + R` for the NTK, from the
 // covariances `kk` and NTK `th`, the row image's sqrt / inverse sqrt variance `sa`, `ia` and
-// the column images' `sb`, `ib`.
+// the column images' `sb`, `ib`. Lanes whose bit is set in `same` pair an image with itself:
+// their correlation is taken as exactly 1 (not a rounding of it), so that the derivative
+// conventions at coinciding inputs apply.
 struct Relu {
   Vec r, t;
 };
@@ -271,12 +357,14 @@ inline __m512 Sqrt(__m512 u) {
 
 template <bool kNtk>
 inline Relu ReluPosition(const float* __restrict__ kk, const float* __restrict__ th, float sa,
-                         float ia, const float* __restrict__ sb, const float* __restrict__ ib) {
+                         float ia, const float* __restrict__ sb, const float* __restrict__ ib,
+                         uint32_t same = 0) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 k = _mm512_loadu_ps(kk);
   const __m512 sbv = _mm512_loadu_ps(sb);
   __m512 c = _mm512_mul_ps(k, _mm512_mul_ps(_mm512_set1_ps(ia), _mm512_loadu_ps(ib)));
   c = _mm512_min_ps(_mm512_max_ps(c, _mm512_set1_ps(-1.0f)), one);
+  c = _mm512_mask_mov_ps(c, static_cast<__mmask16>(same), one);
   const __m512 x = _mm512_abs_ps(c);
   const __m512 s_minus = Sqrt(_mm512_sub_ps(one, x));    // sqrt(1 - |c|)
   const __m512 s_plus = Sqrt(_mm512_add_ps(one, x));     // sqrt(1 + |c|)
@@ -305,12 +393,14 @@ inline Relu ReluPosition(const float* __restrict__ kk, const float* __restrict__
 #else  // Portable: the compiler vectorises the lane loop.
 template <bool kNtk>
 inline Relu ReluPosition(const float* __restrict__ kk, const float* __restrict__ th, float sa,
-                         float ia, const float* __restrict__ sb, const float* __restrict__ ib) {
+                         float ia, const float* __restrict__ sb, const float* __restrict__ ib,
+                         uint32_t same = 0) {
   float r[kLanes], t[kLanes];
   const bool ok1 = sa > 0.0f;
   for (int k = 0; k < kLanes; ++k) {
     float c = kk[k] * (ia * ib[k]);
     c = std::min(std::max(c, -1.0f), 1.0f);
+    if ((same >> k) & 1u) c = 1.0f;
     const float sn = std::sqrt((1.0f - c) * (1.0f + c));
     const float ang = Acos(c);
     const bool ok = ok1 && sb[k] > 0.0f;
@@ -327,6 +417,19 @@ inline Relu ReluPosition(const float* __restrict__ kk, const float* __restrict__
 }
 
 #endif  // __AVX512F__
+
+// Patch inner products `sum_e row[e] col[e][k]` of one row patch (d) with kLanes column
+// patches (d x kLanes, lanes minor). Two partial sums halve the dependency chain.
+inline Vec LaneGram(const float* row, const float* col, int64_t d) {
+  Vec acc0 = Zero(), acc1 = Zero();
+  int64_t e = 0;
+  for (; e + 1 < d; e += 2) {
+    acc0 += row[e] * Load(col + e * kLanes);
+    acc1 += row[e + 1] * Load(col + (e + 1) * kLanes);
+  }
+  if (e < d) acc0 += row[e] * Load(col + e * kLanes);
+  return acc0 + acc1;
+}
 
 // One row image `a` against one column block `b`: the whole recursion for kLanes pairs.
 // Layer 1's covariances are formed position by position inside its ReLU pass, and the last
@@ -356,17 +459,9 @@ void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
       const float* kk = k12 + off;
       const float* th = theta + off;
       if (l == 0) {
-        const float* pp = pa + static_cast<size_t>(p) * d;
-        const float* mm = mb + static_cast<size_t>(p) * d * kLanes;
-        // Two partial sums halve the dependency chain of the d multiply-adds.
-        Vec acc0 = Zero(), acc1 = Zero();
-        int64_t e = 0;
-        for (; e + 1 < d; e += 2) {
-          acc0 += pp[e] * Load(mm + e * kLanes);
-          acc1 += pp[e + 1] * Load(mm + (e + 1) * kLanes);
-        }
-        if (e < d) acc0 += pp[e] * Load(mm + e * kLanes);
-        Store(first, (acc0 + acc1) * pb.inv_channels);
+        const Vec gram = LaneGram(pa + static_cast<size_t>(p) * d,
+                                  mb + static_cast<size_t>(p) * d * kLanes, d);
+        Store(first, gram * pb.inv_channels);
         kk = th = first;
       }
       const Relu out = ReluPosition<kNtk>(kk, th, s1[p], i1[p], s2 + off, i2 + off);
@@ -424,19 +519,11 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
   pb.p1 = p1.typed_data();
   pb.mp2 = mp2.typed_data();
   pb.out = out->typed_data();
-  pb.self_size = 0;
-  for (int l = 0; l < pb.g.depth; ++l) pb.self_size += pb.g.positions(l);
 
-  const float* sq1_data = sq1.typed_data();
-  const float* sq2_data = sq2.typed_data();
-  const SelfTables self = MakeSelfTables(
-      pb.g, pb.n1, pb.blocks, pb.self_size, inv_channels,
-      [&](int64_t a, int p) { return sq1_data[a * p0 + p]; },
-      [&](int64_t b, int p, int k) { return sq2_data[(b * p0 + p) * kLanes + k]; });
-  pb.s1 = self.s1.data();
-  pb.i1 = self.i1.data();
-  pb.s2 = self.s2.data();
-  pb.i2 = self.i2.data();
+  const SelfTables self =
+      LaneLayoutSelfTables(pb.g, pb.n1, pb.blocks, inv_channels, sq1.typed_data(),
+                           sq2.typed_data());
+  self.AttachTo(pb);
 
   // Column blocks outer (their patches stay in cache over all rows), spread over threads.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, pb.blocks));
@@ -455,67 +542,211 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
 // Kernel and its gradients w.r.t. the patch Grams (the reverse pass the predictor AGOP needs).
 // ------------------------------------------------------------------------------------------
 
-// Adjoint of WindowSum: scatters `in` (h[l+1] x w[l+1] x L) back onto `out` (h[l] x w[l] x L),
-// overwriting `out`; `tmp` holds h[l+1] x w[l] x L.
-template <int L>
-void WindowSumTranspose(const Geometry& g, int l, const float* in, float* tmp, float* out) {
-  const int hi = g.h[l], wi = g.w[l], ho = g.h[l + 1], wo = g.w[l + 1];
-  const size_t row = static_cast<size_t>(wi) * L;
-  std::fill(tmp, tmp + static_cast<size_t>(ho) * row, 0.0f);
-  std::fill(out, out + static_cast<size_t>(hi) * row, 0.0f);
-  std::vector<int> src(g.q);
-  for (int j = 0; j < wo; ++j) {
-    const int n = WindowSources(g, j, g.pad_w[l], wi, src.data());
-    for (int i = 0; i < ho; ++i) {
-      const float* s = in + (static_cast<size_t>(i) * wo + j) * L;
-      float* t = tmp + i * row;
-      for (int k = 0; k < n; ++k) {
-        float* dst = t + static_cast<size_t>(src[k]) * L;
-        for (int e = 0; e < L; ++e) dst[e] += s[e];
+// Vector helpers for the reverse pass (GCC / Clang vector extensions; AVX-512 code under
+// -march=native on such CPUs).
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Splat(float x) { return Zero() + x; }
+inline Vec Select(IVec m, Vec a, Vec b) {
+  return reinterpret_cast<Vec>((reinterpret_cast<IVec>(a) & m) |
+                               (reinterpret_cast<IVec>(b) & ~m));
+}
+inline Vec Min(Vec a, Vec b) { return Select(a < b, a, b); }
+inline Vec Max(Vec a, Vec b) { return Select(a > b, a, b); }
+inline Vec Abs(Vec a) { return reinterpret_cast<Vec>(reinterpret_cast<IVec>(a) & 0x7fffffff); }
+inline IVec AllOrNone(bool b) { return IVec{} + (b ? -1 : 0); }
+
+#if defined(__AVX512F__)
+inline Vec VSqrt(Vec u) { return reinterpret_cast<Vec>(Sqrt(reinterpret_cast<__m512>(u))); }
+// 1 / sqrt(u) for u > 0 (14-bit estimate and one Newton step; not finite at u = 0).
+inline Vec VRsqrt(Vec u) {
+  const __m512 x = reinterpret_cast<__m512>(u);
+  const __m512 y0 = _mm512_rsqrt14_ps(x);
+  const __m512 corr = _mm512_fnmadd_ps(_mm512_mul_ps(x, y0), y0, _mm512_set1_ps(3.0f));
+  return reinterpret_cast<Vec>(_mm512_mul_ps(_mm512_mul_ps(y0, _mm512_set1_ps(0.5f)), corr));
+}
+#else
+inline Vec VSqrt(Vec u) {
+  Vec r;
+  for (int k = 0; k < kLanes; ++k) r[k] = u[k] > 0.0f ? std::sqrt(u[k]) : 0.0f;
+  return r;
+}
+inline Vec VRsqrt(Vec u) {
+  Vec r;
+  for (int k = 0; k < kLanes; ++k) r[k] = 1.0f / std::sqrt(u[k]);
+  return r;
+}
+#endif
+
+// The 16 lane sums of 16 vectors, in order: `out[j] = sum_k v[j][k]` (a transpose-and-add
+// tree: 15 additions and 30 shuffles instead of 16 horizontal reductions).
+__attribute__((always_inline)) inline Vec Reduce16(const Vec* v) {
+  static_assert(kLanes == 16, "Reduce16 folds 16 lanes");
+  Vec w[8], y[4], z[2];
+  for (int j = 0; j < 8; ++j) {
+    w[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 4; ++j) {
+    y[j] = __builtin_shufflevector(w[2 * j], w[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * j], w[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 2; ++j) {
+    z[j] = __builtin_shufflevector(y[2 * j], y[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(y[2 * j], y[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// Partial derivatives of the ReLU maps for kLanes pairs at one position, as
+// `fused._relu_partials`: dR/dk12 = D, dR/dk11 = sin t s2 / (2 pi s1), dD/dk12 =
+// 1 / (pi s1 s2 sin t), dD/dk11 = -cos t / (2 pi k11 sin t) (and k11 <-> k22); 0 where
+// singular (a zero variance, or sin t = 0), and D = 1/2 where a variance is zero. Lanes set
+// in `same` have a correlation of exactly 1 (as `ReluPosition`).
+struct Partials {
+  Vec d, r11, r22, d11, d12, d22;
+};
+
+template <bool kB2>
+inline Partials ReluPartials(Vec k, float sa, float ia, Vec sb, Vec ib, IVec same) {
+  constexpr float kInv2Pi = static_cast<float>(1.0 / (2.0 * 3.14159265358979323846));
+  const Vec one = Splat(1.0f);
+  const Vec c = Select(same, one, Min(Max(k * (ib * ia), Splat(-1.0f)), one));
+  const Vec x = Abs(c);
+  const Vec rs_minus = VRsqrt(one - x), rs_plus = VRsqrt(one + x);
+  const Vec s_minus = Select(one - x > Zero(), (one - x) * rs_minus, Zero());
+  const Vec sn = s_minus * ((one + x) * rs_plus);          // sin t
+  Vec poly = Splat(kAcos[7]);
+  for (int e = 6; e >= 0; --e) poly = poly * x + kAcos[e];
+  const Vec r0 = s_minus * poly;                           // arccos |c|
+  const Vec ang = Select(c < Zero(), kPi - r0, r0);
+  const IVec ok = (sb > Zero()) & AllOrNone(sa > 0.0f);
+  const IVec smooth = ok & (sn > Zero());
+  Partials o;
+  o.d = Select(ok, (kPi - ang) * kInvPi, Splat(0.5f));
+  // 1 / sin t = rsqrt(1 - |c|) rsqrt(1 + |c|) (no division; masked where singular).
+  const Vec inv_sin = Select(smooth, rs_minus * rs_plus, Zero());
+  o.r11 = Select(smooth, sn * (sb * (ia * kInv2Pi)), Zero());
+  o.d12 = inv_sin * (ib * (ia * kInvPi));
+  const Vec cis = c * inv_sin;
+  o.d11 = cis * (-(ia * ia) * kInv2Pi);
+  if (kB2) {
+    o.r22 = Select(smooth, sn * (ib * (sa * kInv2Pi)), Zero());
+    o.d22 = cis * (-(ib * ib) * kInv2Pi);
+  }
+  return o;
+}
+
+// Buffers of one reverse pass of a (row image, column block) pair block.
+struct RevWorkspace {
+  std::vector<float> kl, tl;  // every layer's inputs k12 and theta (offsets by layer)
+  std::vector<float> r, t, tmp, adj12, adj11, adj22, ud, v, c11, c22, u;
+  std::vector<size_t> off;    // layer offsets into the per-layer arrays (positions)
+  RevWorkspace(const Geometry& g, int64_t self_size) : off(g.depth + 1, 0) {
+    const size_t n = static_cast<size_t>(g.positions(0)) * kLanes;
+    kl.resize(static_cast<size_t>(self_size) * kLanes);
+    tl.resize(kl.size());
+    for (auto* b : {&r, &t, &tmp, &adj12, &adj11, &adj22, &ud, &v, &c11, &c22, &u}) b->resize(n);
+    for (int l = 0; l < g.depth; ++l) off[l + 1] = off[l] + g.positions(l);
+  }
+};
+
+// The kernel values of one row image against kLanes column images and their gradients w.r.t.
+// the layer-1 covariances, by the hand-written reverse pass of the recursion (as
+// `fused.kernel_and_gram_grads_internal`). `ws.kl[0, P0 * kLanes)` must hold the layer-1
+// covariances (Gram / channels); the self factors `s1`, `i1` (row) and `s2`, `i2` (column
+// block) cover every layer. For every position p of layer 1, `sink(p, a12, a11, a22)` gets
+// dK/dk12, dK/dk11 and (if kB2, else zeros) dK/dk22 of the kLanes pairs. Lanes set in `same`
+// pair the row image with itself (see `ReluPosition`). Returns K if kValue (else the last
+// layer's forward map, which only the value needs, is skipped and zeros are returned).
+template <bool kNtk, bool kB2, bool kValue, class Sink>
+Vec ReversePass(const Geometry& g, const float* s1, const float* i1, const float* s2,
+                const float* i2, uint32_t same, RevWorkspace& ws, Sink&& sink) {
+  const int depth = g.depth;
+  IVec same_v;
+  for (int k = 0; k < kLanes; ++k) same_v[k] = ((same >> k) & 1u) ? -1 : 0;
+  const size_t* off = ws.off.data();
+  Vec total = Zero();
+  for (int l = 0; l < (kValue ? depth : depth - 1); ++l) {
+    const int np = g.positions(l);
+    const bool last = l + 1 == depth;
+    const float* kl = ws.kl.data() + off[l] * kLanes;
+    const float* tl = l == 0 ? kl : ws.tl.data() + off[l] * kLanes;  // theta_1 = k12_1
+    for (int p = 0; p < np; ++p) {
+      const size_t o = static_cast<size_t>(p) * kLanes;
+      const size_t so = off[l] + p;
+      const Relu out = ReluPosition<kNtk>(kl + o, tl + o, s1[so], i1[so], s2 + so * kLanes,
+                                          i2 + so * kLanes, same);
+      if (last) {
+        total += kNtk ? out.t : out.r;
+      } else {
+        Store(ws.r.data() + o, out.r);
+        if (kNtk) Store(ws.t.data() + o, out.t);
+      }
+    }
+    if (!last) {
+      WindowSum<kLanes>(g, l, ws.r.data(), ws.tmp.data(), ws.kl.data() + off[l + 1] * kLanes);
+      if (kNtk) {
+        WindowSum<kLanes>(g, l, ws.t.data(), ws.tmp.data(), ws.tl.data() + off[l + 1] * kLanes);
       }
     }
   }
-  for (int i = 0; i < ho; ++i) {
-    const int n = WindowSources(g, i, g.pad_h[l], hi, src.data());
-    const float* t = tmp + i * row;
-    for (int k = 0; k < n; ++k) {
-      float* dst = out + src[k] * row;
-      for (size_t e = 0; e < row; ++e) dst[e] += t[e];
+  const float inv_last = 1.0f / static_cast<float>(g.positions(depth - 1));
+  // Backward. u: adjoint of the layer's output (theta D + R, or R), v: of R through the next
+  // layer's covariance, c11 / c22: of the self covariances (per pair).
+  for (int l = depth - 1; l >= 0; --l) {
+    const int np = g.positions(l);
+    const bool last = l == depth - 1;
+    const float* kl = ws.kl.data() + off[l] * kLanes;
+    const float* tl = l == 0 ? kl : ws.tl.data() + off[l] * kLanes;
+    for (int p = 0; p < np; ++p) {
+      const size_t o = static_cast<size_t>(p) * kLanes;
+      const size_t so = off[l] + p;
+      const Partials pt = ReluPartials<kB2>(Load(kl + o), s1[so], i1[so],
+                                            Load(s2 + so * kLanes), Load(i2 + so * kLanes),
+                                            same_v);
+      const Vec u = last ? Splat(inv_last) : (kNtk ? Load(ws.u.data() + o) : Zero());
+      const Vec adj_r = last ? u : (kNtk ? Load(ws.v.data() + o) + u : Load(ws.v.data() + o));
+      Vec x12 = adj_r * pt.d;
+      Vec x11 = adj_r * pt.r11;
+      Vec x22 = kB2 ? adj_r * pt.r22 : Zero();
+      if (kNtk) {
+        const Vec adj_d = u * Load(tl + o);
+        x12 += adj_d * pt.d12;
+        x11 += adj_d * pt.d11;
+        if (kB2) x22 += adj_d * pt.d22;
+        if (l == 0) x12 += u * pt.d;  // theta_1 = k12_1
+        else Store(ws.ud.data() + o, u * pt.d);
+      }
+      if (!last) {
+        x11 += Load(ws.c11.data() + o);
+        if (kB2) x22 += Load(ws.c22.data() + o);
+      }
+      if (l == 0) {
+        sink(p, x12, x11, x22);
+      } else {
+        Store(ws.adj12.data() + o, x12);
+        Store(ws.adj11.data() + o, x11);
+        if (kB2) Store(ws.adj22.data() + o, x22);
+      }
+    }
+    if (l > 0) {
+      WindowSumTranspose<kLanes>(g, l - 1, ws.adj12.data(), ws.tmp.data(), ws.v.data());
+      WindowSumTranspose<kLanes>(g, l - 1, ws.adj11.data(), ws.tmp.data(), ws.c11.data());
+      if (kB2) WindowSumTranspose<kLanes>(g, l - 1, ws.adj22.data(), ws.tmp.data(), ws.c22.data());
+      if (kNtk) WindowSumTranspose<kLanes>(g, l - 1, ws.ud.data(), ws.tmp.data(), ws.u.data());
     }
   }
-}
-
-// R, D and the partial derivatives of the ReLU maps for kLanes pairs at one position, as
-// `fused._relu_partials`: dR/dk12 = D, dR/dk11 = sin t s2 / (2 pi s1), dD/dk12 =
-// 1 / (pi s1 s2 sin t), dD/dk11 = -cos t / (2 pi k11 sin t) (and k11 <-> k22); 0 where
-// singular (a zero variance, or sin t = 0).
-struct Partials {
-  float r[kLanes], d[kLanes], r11[kLanes], r22[kLanes], d11[kLanes], d12[kLanes], d22[kLanes];
-};
-
-inline void ReluPartials(const float* __restrict__ kk, float sa, float ia,
-                         const float* __restrict__ sb, const float* __restrict__ ib,
-                         Partials& o) {
-  constexpr float kInv2Pi = static_cast<float>(1.0 / (2.0 * 3.14159265358979323846));
-  const bool ok1 = sa > 0.0f;
-  for (int k = 0; k < kLanes; ++k) {
-    float c = kk[k] * (ia * ib[k]);
-    c = std::min(std::max(c, -1.0f), 1.0f);
-    const float sn = std::sqrt((1.0f - c) * (1.0f + c));
-    const float ang = Acos(c);
-    const bool ok = ok1 && sb[k] > 0.0f;
-    const bool smooth = ok && sn > 0.0f;
-    const float norm = sa * sb[k];
-    o.r[k] = ok ? kk[k] + norm * ((sn - ang * c) * kInvPi) : 0.0f;
-    o.d[k] = ok ? (kPi - ang) * kInvPi : 0.5f;
-    const float inv_sin = smooth ? 1.0f / sn : 0.0f;
-    o.r11[k] = smooth ? sn * (sb[k] * ia * kInv2Pi) : 0.0f;
-    o.r22[k] = smooth ? sn * (sa * ib[k] * kInv2Pi) : 0.0f;
-    o.d12[k] = inv_sin * (ia * ib[k] * kInvPi);
-    const float cis = c * inv_sin;
-    o.d11[k] = cis * (-(ia * ia) * kInv2Pi);
-    o.d22[k] = cis * (-(ib[k] * ib[k]) * kInv2Pi);
-  }
+  return total * inv_last;
 }
 
 struct GradProblem {
@@ -535,122 +766,25 @@ struct GradProblem {
   float* b2;          // (P0, n1, n2) dK / d g2, per pair
 };
 
-struct GradWorkspace {
-  std::vector<float> k12, theta;                 // every layer's inputs (offsets by layer)
-  std::vector<float> r, t, adj12, adj11, adj22, ud, v, c11, c22, u, tmp;
-  GradWorkspace(const Geometry& g, int64_t self_size) {
-    const size_t n = static_cast<size_t>(g.positions(0)) * kLanes;
-    k12.resize(static_cast<size_t>(self_size) * kLanes);
-    theta.resize(k12.size());
-    for (auto* b : {&r, &t, &adj12, &adj11, &adj22, &ud, &v, &c11, &c22, &u, &tmp}) b->resize(n);
-  }
-};
-
 template <bool kNtk>
-void PairGrads(const GradProblem& pb, int64_t a, int64_t b, GradWorkspace& ws) {
-  const Geometry& g = pb.g;
-  const int depth = g.depth;
+void PairGrads(const GradProblem& pb, int64_t a, int64_t b, RevWorkspace& ws) {
+  const int p0 = pb.g.positions(0);
   const int64_t n1 = pb.n1, n2 = pb.n2;
-  const int p0 = g.positions(0);
-  std::vector<size_t> off(depth + 1, 0);  // layer offsets into the per-layer arrays
-  for (int l = 0; l < depth; ++l) off[l + 1] = off[l] + g.positions(l);
-  const float* s1 = pb.s1 + a * pb.self_size;
-  const float* i1 = pb.i1 + a * pb.self_size;
-  const float* s2 = pb.s2 + b * pb.self_size * kLanes;
-  const float* i2 = pb.i2 + b * pb.self_size * kLanes;
-  // Layer-1 covariances from the Grams.
-  float* k0 = ws.k12.data();
   for (int p = 0; p < p0; ++p) {
     const float* src = pb.g12 + (static_cast<size_t>(p) * n1 + a) * n2 + b * kLanes;
-    for (int k = 0; k < kLanes; ++k) {
-      k0[p * kLanes + k] = src[k] * pb.inv_channels;
-      if (kNtk) ws.theta[p * kLanes + k] = src[k] * pb.inv_channels;
-    }
+    Store(ws.kl.data() + static_cast<size_t>(p) * kLanes, Load(src) * pb.inv_channels);
   }
-  // Forward: keep each layer's inputs (k12, theta); the value from the last layer.
-  Vec total = Zero();
-  for (int l = 0; l < depth; ++l) {
-    const int np = g.positions(l);
-    const bool last = l + 1 == depth;
-    const float* kl = ws.k12.data() + off[l] * kLanes;
-    const float* tl = ws.theta.data() + off[l] * kLanes;
-    for (int p = 0; p < np; ++p) {
-      const size_t o = static_cast<size_t>(p) * kLanes;
-      const Relu out = ReluPosition<kNtk>(kl + o, tl + o, s1[off[l] + p], i1[off[l] + p],
-                                          s2 + (off[l] + p) * kLanes,
-                                          i2 + (off[l] + p) * kLanes);
-      if (last) {
-        total += kNtk ? out.t : out.r;
-      } else {
-        Store(ws.r.data() + o, out.r);
-        if (kNtk) Store(ws.t.data() + o, out.t);
-      }
-    }
-    if (!last) {
-      WindowSum<kLanes>(g, l, ws.r.data(), ws.tmp.data(), ws.k12.data() + off[l + 1] * kLanes);
-      if (kNtk) {
-        WindowSum<kLanes>(g, l, ws.t.data(), ws.tmp.data(),
-                          ws.theta.data() + off[l + 1] * kLanes);
-      }
-    }
-  }
-  const float inv_last = 1.0f / static_cast<float>(g.positions(depth - 1));
-  Store(pb.value + a * n2 + b * kLanes, total * inv_last);
-  // Backward. u: adjoint of the layer's output (theta D + R, or R), v: of R through the
-  // next layer's covariance, c11 / c22: of the self covariances (per pair).
-  Partials pt;
-  for (int l = depth - 1; l >= 0; --l) {
-    const int np = g.positions(l);
-    const bool last = l == depth - 1;
-    const float* kl = ws.k12.data() + off[l] * kLanes;
-    const float* tl = ws.theta.data() + off[l] * kLanes;
-    for (int p = 0; p < np; ++p) {
-      const size_t o = static_cast<size_t>(p) * kLanes;
-      ReluPartials(kl + o, s1[off[l] + p], i1[off[l] + p], s2 + (off[l] + p) * kLanes,
-                   i2 + (off[l] + p) * kLanes, pt);
-      float a12[kLanes], a11[kLanes], a22[kLanes];
-      for (int k = 0; k < kLanes; ++k) {
-        const float u = last ? inv_last : ws.u[o + k];
-        const float adj_r = last ? u : (kNtk ? ws.v[o + k] + u : ws.v[o + k]);
-        float x12 = adj_r * pt.d[k];
-        float x11 = adj_r * pt.r11[k];
-        float x22 = adj_r * pt.r22[k];
-        if (kNtk) {
-          const float adj_d = u * tl[o + k];
-          x12 += adj_d * pt.d12[k];
-          x11 += adj_d * pt.d11[k];
-          x22 += adj_d * pt.d22[k];
-        }
-        if (!last) {
-          x11 += ws.c11[o + k];
-          x22 += ws.c22[o + k];
-        }
-        if (l == 0 && kNtk) x12 += u * pt.d[k];  // theta_1 = k12_1
-        a12[k] = x12;
-        a11[k] = x11;
-        a22[k] = x22;
-        if (kNtk) ws.ud[o + k] = u * pt.d[k];
-      }
-      if (l == 0) {
+  const float c = pb.inv_channels;
+  const Vec value = ReversePass<kNtk, true, true>(
+      pb.g, pb.s1 + a * pb.self_size, pb.i1 + a * pb.self_size,
+      pb.s2 + b * pb.self_size * kLanes, pb.i2 + b * pb.self_size * kLanes, 0u, ws,
+      [&](int p, Vec a12, Vec a11, Vec a22) {
         const size_t dst = (static_cast<size_t>(p) * n1 + a) * n2 + b * kLanes;
-        for (int k = 0; k < kLanes; ++k) {
-          pb.a12[dst + k] = a12[k] * pb.inv_channels;
-          pb.b1[dst + k] = a11[k] * pb.inv_channels;
-          pb.b2[dst + k] = a22[k] * pb.inv_channels;
-        }
-      } else {
-        std::memcpy(ws.adj12.data() + o, a12, sizeof(a12));
-        std::memcpy(ws.adj11.data() + o, a11, sizeof(a11));
-        std::memcpy(ws.adj22.data() + o, a22, sizeof(a22));
-      }
-    }
-    if (l > 0) {
-      WindowSumTranspose<kLanes>(g, l - 1, ws.adj12.data(), ws.tmp.data(), ws.v.data());
-      WindowSumTranspose<kLanes>(g, l - 1, ws.adj11.data(), ws.tmp.data(), ws.c11.data());
-      WindowSumTranspose<kLanes>(g, l - 1, ws.adj22.data(), ws.tmp.data(), ws.c22.data());
-      if (kNtk) WindowSumTranspose<kLanes>(g, l - 1, ws.ud.data(), ws.tmp.data(), ws.u.data());
-    }
-  }
+        Store(pb.a12 + dst, a12 * c);
+        Store(pb.b1 + dst, a11 * c);
+        Store(pb.b2 + dst, a22 * c);
+      });
+  Store(pb.value + a * n2 + b * kLanes, value);
 }
 
 ffi::Error FusedCntkGradsImpl(ffi::Buffer<ffi::F32> g12, ffi::Buffer<ffi::F32> g1,
@@ -686,29 +820,272 @@ ffi::Error FusedCntkGradsImpl(ffi::Buffer<ffi::F32> g12, ffi::Buffer<ffi::F32> g
   pb.a12 = a12->typed_data();
   pb.b1 = b1->typed_data();
   pb.b2 = b2->typed_data();
-  pb.self_size = 0;
-  for (int l = 0; l < pb.g.depth; ++l) pb.self_size += pb.g.positions(l);
   const float* g1_data = g1.typed_data();
   const float* g2_data = g2.typed_data();
   const SelfTables self = MakeSelfTables(
-      pb.g, pb.n1, pb.blocks, pb.self_size, inv_channels,
+      pb.g, pb.n1, pb.blocks, inv_channels,
       [&](int64_t a, int p) { return g1_data[p * pb.n1 + a]; },
       [&](int64_t b, int p, int k) { return g2_data[p * pb.n2 + b * kLanes + k]; });
-  pb.s1 = self.s1.data();
-  pb.i1 = self.i1.data();
-  pb.s2 = self.s2.data();
-  pb.i2 = self.i2.data();
+  self.AttachTo(pb);
   // Work items (column block, row) in column-block-major order, split into contiguous ranges.
   const int64_t items = pb.blocks * pb.n1;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
   RunWorkers(workers, [&pb, items, workers](int64_t w) {
-    GradWorkspace ws(pb.g, pb.self_size);
+    RevWorkspace ws(pb.g, pb.self_size);
     const int64_t first = items * w / workers, end = items * (w + 1) / workers;
     for (int64_t it = first; it < end; ++it) {
       const int64_t b = it / pb.n1, a = it % pb.n1;
       if (pb.ntk) PairGrads<true>(pb, a, b, ws);
       else PairGrads<false>(pb, a, b, ws);
     }
+  });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
+// Patch AGOP of the kernel predictor f_c(z) = sum_i alpha_ic K(x_i, z), fused: the reverse
+// pass of every (sample, training block) pair block and its contraction with the training
+// patches stay in cache; nothing pair-sized is ever written to memory.
+// ------------------------------------------------------------------------------------------
+//
+// For sample z (a row) and training image i (a lane of a column block), the reverse pass gives
+// A = dK/dgram and B = dK/dsq(z) per position p of layer 1; then (see predictor_agop.py)
+//   u[p, c, :] = sum_i alpha_ic A_i[p] x_i[p, :],  coef[p, c] = sum_i alpha_ic B_i[p],
+//   v[p, c, :] = u[p, c, :] + 2 coef[p, c] z[p, :],
+// and the call returns every sample's `sum_{p, c} v v^T` (d x d). Per position, the lane
+// products of `group` column blocks are summed before one transpose-and-add reduction over the
+// lanes (`Reduce16`) adds them to the sample's record `(u[p, c, 0..d), coef[p, c])`.
+
+struct AgopProblem {
+  Geometry g;
+  int64_t s, blocks, d, classes, width;  // width: record floats per position (padded)
+  float inv_channels;
+  const float* pz;      // (s, P0, d) sample patches
+  const float* mpz;     // (s, P0, d) M times sample patches
+  const float* sqz;     // (s, P0) squared M-norms of the sample patches
+  const int32_t* zidx;  // (s,) index of the sample among the training images, or -1
+  const float* px;      // (blocks, P0, d, kLanes) training patches
+  const float* alpha;   // (blocks, classes, kLanes)
+  const float* s1;      // (s, layers...) sample self factors
+  const float* i1;
+  const float* s2;      // (blocks, layers..., kLanes) training self factors
+  const float* i2;
+  int64_t self_size;
+  int64_t group, row_tile;
+  float* out;           // (s, d, d)
+};
+
+struct AgopWorkspace {
+  RevWorkspace rev;
+  std::vector<float> a, b;     // (group, P0, kLanes): dK/dgram, dK/dsq(z) of the pair blocks
+  std::vector<float> rec;      // (row_tile, P0, width): u and coef of the tile's samples
+  std::vector<Vec> prod;       // (width): lane products of one position
+  AgopWorkspace(const AgopProblem& pb)
+      : rev(pb.g, pb.self_size),
+        a(static_cast<size_t>(pb.group) * pb.g.positions(0) * kLanes),
+        b(a.size()),
+        rec(static_cast<size_t>(pb.row_tile) * pb.g.positions(0) * pb.width),
+        prod(pb.width) {}
+};
+
+// Reverse passes of sample z against column blocks b0 .. b0 + n - 1 into ws.a, ws.b.
+template <bool kNtk>
+void AgopReverse(const AgopProblem& pb, int64_t z, int64_t b0, int64_t n, AgopWorkspace& ws) {
+  const int p0 = pb.g.positions(0);
+  const int64_t d = pb.d;
+  const float* mz = pb.mpz + z * p0 * d;
+  const float* sq = pb.sqz + z * p0;
+  for (int64_t gb = 0; gb < n; ++gb) {
+    const int64_t b = b0 + gb;
+    const int64_t lane = pb.zidx[z] - b * kLanes;
+    const bool has_same = lane >= 0 && lane < kLanes;
+    const uint32_t same = has_same ? (1u << lane) : 0u;
+    const float* xb = pb.px + b * p0 * d * kLanes;
+    float* k0 = ws.rev.kl.data();
+    for (int p = 0; p < p0; ++p) {
+      Vec gram = LaneGram(mz + static_cast<size_t>(p) * d,
+                          xb + static_cast<size_t>(p) * d * kLanes, d);
+      // The sample itself: exactly its squared norm, as the XLA path (`same`).
+      if (has_same) gram[lane] = sq[p];
+      Store(k0 + static_cast<size_t>(p) * kLanes, gram * pb.inv_channels);
+    }
+    float* a = ws.a.data() + gb * p0 * kLanes;
+    float* bz = ws.b.data() + gb * p0 * kLanes;
+    ReversePass<kNtk, false, false>(
+        pb.g, pb.s1 + z * pb.self_size, pb.i1 + z * pb.self_size,
+        pb.s2 + b * pb.self_size * kLanes, pb.i2 + b * pb.self_size * kLanes, same, ws.rev,
+        [&](int p, Vec a12, Vec a11, Vec) {
+          Store(a + static_cast<size_t>(p) * kLanes, a12 * pb.inv_channels);
+          Store(bz + static_cast<size_t>(p) * kLanes, a11 * pb.inv_channels);
+        });
+  }
+}
+
+// Most column blocks contracted together (the `group` attribute).
+constexpr int kMaxGroup = 16;
+
+// out[j] = sum_gb ua[gb] * x[gb][j] (lane products) for j < N, accumulated in registers.
+template <int N>
+inline void ContractChunk(const Vec* ua, const float* const* x, int64_t n, int64_t e0,
+                          Vec* out) {
+  Vec acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = Zero();
+  for (int64_t gb = 0; gb < n; ++gb) {
+    const float* xg = x[gb] + e0 * kLanes;
+    for (int j = 0; j < N; ++j) acc[j] += ua[gb] * Load(xg + j * kLanes);
+  }
+  for (int j = 0; j < N; ++j) out[j] = acc[j];
+}
+
+// Adds the contraction of ws.a, ws.b (column blocks b0 .. b0 + n - 1) to the record `rec`.
+void AgopContract(const AgopProblem& pb, int64_t b0, int64_t n, AgopWorkspace& ws, float* rec) {
+  const int p0 = pb.g.positions(0);
+  const int64_t d = pb.d, classes = pb.classes, width = pb.width;
+  Vec* prod = ws.prod.data();
+  for (int64_t j = classes * (d + 1); j < width; ++j) prod[j] = Zero();
+  Vec a[kMaxGroup], bz[kMaxGroup], ua[kMaxGroup];
+  const float* x[kMaxGroup];
+  for (int p = 0; p < p0; ++p) {
+    for (int64_t gb = 0; gb < n; ++gb) {
+      a[gb] = Load(ws.a.data() + (gb * p0 + p) * kLanes);
+      bz[gb] = Load(ws.b.data() + (gb * p0 + p) * kLanes);
+      x[gb] = pb.px + ((b0 + gb) * p0 + p) * d * kLanes;
+    }
+    Vec* pr = prod;
+    for (int64_t c = 0; c < classes; ++c) {
+      Vec coef = Zero();
+      for (int64_t gb = 0; gb < n; ++gb) {
+        const Vec ac = Load(pb.alpha + ((b0 + gb) * classes + c) * kLanes);
+        ua[gb] = a[gb] * ac;
+        coef += bz[gb] * ac;
+      }
+      for (int64_t e0 = 0; e0 < d; e0 += 8) {
+        switch (std::min<int64_t>(8, d - e0)) {
+          case 8: ContractChunk<8>(ua, x, n, e0, pr); break;
+          case 7: ContractChunk<7>(ua, x, n, e0, pr); break;
+          case 6: ContractChunk<6>(ua, x, n, e0, pr); break;
+          case 5: ContractChunk<5>(ua, x, n, e0, pr); break;
+          case 4: ContractChunk<4>(ua, x, n, e0, pr); break;
+          case 3: ContractChunk<3>(ua, x, n, e0, pr); break;
+          case 2: ContractChunk<2>(ua, x, n, e0, pr); break;
+          default: ContractChunk<1>(ua, x, n, e0, pr); break;
+        }
+        pr += std::min<int64_t>(8, d - e0);
+      }
+      *pr++ = coef;
+    }
+    float* r = rec + static_cast<size_t>(p) * width;
+    for (int64_t j = 0; j < width; j += kLanes) Store(r + j, Load(r + j) + Reduce16(prod + j));
+  }
+}
+
+// out[z] = sum_{p, c} v v^T from sample z's record.
+void AgopFinish(const AgopProblem& pb, int64_t z, const float* rec) {
+  const int p0 = pb.g.positions(0);
+  const int64_t d = pb.d, classes = pb.classes, width = pb.width;
+  const int64_t dv = (d + kLanes - 1) / kLanes;  // vectors per row of the d x d sum
+  std::vector<Vec> acc(d * dv, Zero()), v(dv);
+  const float* zp = pb.pz + z * p0 * d;
+  for (int p = 0; p < p0; ++p) {
+    const float* r = rec + static_cast<size_t>(p) * width;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float* u = r + c * (d + 1);
+      const float two_coef = 2.0f * u[d];
+      float* vf = reinterpret_cast<float*>(v.data());
+      for (int64_t e = 0; e < d; ++e) vf[e] = u[e] + two_coef * zp[p * d + e];
+      for (int64_t e = d; e < dv * kLanes; ++e) vf[e] = 0.0f;
+      for (int64_t e = 0; e < d; ++e)
+        for (int64_t f = 0; f < dv; ++f) acc[e * dv + f] += vf[e] * v[f];
+    }
+  }
+  float* o = pb.out + z * d * d;
+  for (int64_t e = 0; e < d; ++e) {
+    const float* row = reinterpret_cast<const float*>(acc.data() + e * dv);
+    std::copy(row, row + d, o + e * d);
+  }
+}
+
+template <bool kNtk>
+void AgopRows(const AgopProblem& pb, int64_t r0, int64_t r1, AgopWorkspace& ws) {
+  const size_t rec_size = static_cast<size_t>(pb.g.positions(0)) * pb.width;
+  for (int64_t t0 = r0; t0 < r1; t0 += pb.row_tile) {
+    const int64_t rows = std::min(pb.row_tile, r1 - t0);
+    std::fill(ws.rec.begin(), ws.rec.begin() + rows * rec_size, 0.0f);
+    // Column groups outer: a group's training data is read by every sample of the tile.
+    for (int64_t b0 = 0; b0 < pb.blocks; b0 += pb.group) {
+      const int64_t n = std::min(pb.group, pb.blocks - b0);
+      for (int64_t zr = 0; zr < rows; ++zr) {
+        AgopReverse<kNtk>(pb, t0 + zr, b0, n, ws);
+        AgopContract(pb, b0, n, ws, ws.rec.data() + zr * rec_size);
+      }
+    }
+    for (int64_t zr = 0; zr < rows; ++zr) AgopFinish(pb, t0 + zr, ws.rec.data() + zr * rec_size);
+  }
+}
+
+ffi::Error FusedCntkAgopImpl(ffi::Buffer<ffi::F32> pz, ffi::Buffer<ffi::F32> mpz,
+                             ffi::Buffer<ffi::F32> sqz, ffi::Buffer<ffi::S32> zidx,
+                             ffi::Buffer<ffi::F32> px, ffi::Buffer<ffi::F32> sqx,
+                             ffi::Buffer<ffi::F32> alpha, ffi::ResultBuffer<ffi::F32> out,
+                             int64_t height, int64_t width, int64_t q, int64_t depth,
+                             int64_t padding, float inv_channels, bool ntk, int64_t threads,
+                             int64_t group, int64_t row_tile) {
+  const auto pz_dims = pz.dimensions();
+  const auto px_dims = px.dimensions();
+  const auto al_dims = alpha.dimensions();
+  const auto count = [](const auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
+  if (pz_dims.size() != 3 || px_dims.size() != 4 || al_dims.size() != 3 ||
+      count(mpz) != count(pz) || px_dims[3] != kLanes || al_dims[0] != px_dims[0] ||
+      al_dims[2] != kLanes || px_dims[1] != pz_dims[1] || px_dims[2] != pz_dims[2] ||
+      count(sqz) != pz_dims[0] * pz_dims[1] || count(sqx) != px_dims[0] * px_dims[1] * kLanes ||
+      count(zidx) != pz_dims[0]) {
+    return ffi::Error::InvalidArgument(
+        "fused_cntk_agop: pz, mpz (s, P, d), sqz (s, P), zidx (s,), px (blocks, P, d, 16), "
+        "sqx (blocks, P, 16), alpha (blocks, classes, 16) disagree");
+  }
+  if (depth < 1 || q < 1 || padding < 0 || padding > 2 || group < 1 || group > kMaxGroup ||
+      row_tile < 1) {
+    return ffi::Error::InvalidArgument("fused_cntk_agop: bad depth, q, padding, group or tile");
+  }
+  AgopProblem pb;
+  pb.g = MakeGeometry(static_cast<int>(height), static_cast<int>(width), static_cast<int>(q),
+                      static_cast<int>(depth), static_cast<Padding>(padding));
+  for (int l = 0; l < pb.g.depth; ++l) {
+    if (pb.g.h[l] < 1 || pb.g.w[l] < 1) {
+      return ffi::Error::InvalidArgument("fused_cntk_agop: the image is too small for this depth");
+    }
+  }
+  const int p0 = pb.g.positions(0);
+  if (pz_dims[1] != p0) {
+    return ffi::Error::InvalidArgument("fused_cntk_agop: P is not height * width");
+  }
+  pb.s = pz_dims[0];
+  pb.blocks = px_dims[0];
+  pb.d = pz_dims[2];
+  pb.classes = al_dims[1];
+  pb.width = (pb.classes * (pb.d + 1) + kLanes - 1) / kLanes * kLanes;
+  pb.inv_channels = inv_channels;
+  pb.pz = pz.typed_data();
+  pb.mpz = mpz.typed_data();
+  pb.sqz = sqz.typed_data();
+  pb.zidx = zidx.typed_data();
+  pb.px = px.typed_data();
+  pb.alpha = alpha.typed_data();
+  pb.out = out->typed_data();
+  pb.group = std::min<int64_t>(group, pb.blocks);
+  pb.row_tile = row_tile;
+  const SelfTables self =
+      LaneLayoutSelfTables(pb.g, pb.s, pb.blocks, inv_channels, sqz.typed_data(),
+                           sqx.typed_data());
+  self.AttachTo(pb);
+  // Samples split into contiguous ranges, one per worker: each sample's record is private to
+  // its worker, and its result does not depend on the split.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, pb.s));
+  RunWorkers(workers, [&pb, workers, ntk](int64_t w) {
+    AgopWorkspace ws(pb);
+    const int64_t r0 = pb.s * w / workers, r1 = pb.s * (w + 1) / workers;
+    if (ntk) AgopRows<true>(pb, r0, r1, ws);
+    else AgopRows<false>(pb, r0, r1, ws);
   });
   return ffi::Error::Success();
 }
@@ -746,3 +1123,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkGradsF32, FusedCntkGradsImpl,
                                   .Attr<float>("inv_channels")
                                   .Attr<bool>("ntk")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkAgopF32, FusedCntkAgopImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pz (s, P, d)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mpz (s, P, d)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sqz (s, P)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // zidx (s,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // px (blocks, P, d, 16)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sqx (blocks, P, 16)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alpha (blocks, classes, 16)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // (s, d, d)
+                                  .Attr<int64_t>("height")
+                                  .Attr<int64_t>("width")
+                                  .Attr<int64_t>("q")
+                                  .Attr<int64_t>("depth")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<float>("inv_channels")
+                                  .Attr<bool>("ntk")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("row_tile"));
