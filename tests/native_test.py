@@ -354,3 +354,40 @@ def test_native_predictor_agop_rows_rejects_bad_blocking():
     with pytest.raises(ValueError, match='group|row_tile'):
       native.predictor_agop_rows(p, p, sq, jnp.arange(16), blocks, 2, 3, checks.Padding.SAME,
                                  1, True, group=group, row_tile=tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole kernel matrices without tiles (`fused.native_kernel_matrix`, used by ConvRFM).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('padding,kind,n', [('SAME', 'ntk', 37), ('VALID', 'nngp', 50),
+                                            ('CIRCULAR', 'ntk', 16), ('SAME', 'ntk', 3)])
+def test_native_kernel_matrix_equals_float64_reference(padding, kind, n):
+  rng = np.random.default_rng(sum(map(ord, padding + kind)) + n)
+  x, y = _images(rng, n, 9, 8, 2), _images(rng, 23, 9, 8, 2)
+  metric = _psd(rng, 18)
+  pad, knd = checks.Padding(padding), fused.Kind(kind)
+  done = []
+  sym = fused.native_kernel_matrix(jnp.asarray(x), None, jnp.asarray(metric), 3, 3, pad, knd,
+                                   progress=lambda d, t: done.append((d, t)))
+  want = _float64_reference(x, x, metric, 3, 3, padding, kind)
+  assert sym.shape == (n, n) and sym.dtype == np.float32
+  np.testing.assert_array_equal(sym, sym.T)
+  tolerances.assert_rel_fro(sym, want, _F32_TOL, 'symmetric')
+  # The diagonal pairs take the correlation 1 exactly (not 1e-4 off as a rounded one gives).
+  tolerances.assert_rel_fro(np.diag(sym), np.diag(want), _F32_TOL, 'diagonal')
+  assert done and done[-1][0] == done[-1][1] == len(done)
+  rect = fused.native_kernel_matrix(jnp.asarray(x), jnp.asarray(y), jnp.asarray(metric), 3, 3,
+                                    pad, knd)
+  tolerances.assert_rel_fro(rect, _float64_reference(x, y, metric, 3, 3, padding, kind),
+                            _F32_TOL, 'rectangular')
+
+
+def test_native_kernel_matrix_does_not_apply_to_float64_or_when_switched_off(monkeypatch):
+  x = jnp.asarray(_images(np.random.default_rng(16), 5, 8, 8, 1))
+  args = (None, None, 2, 3, checks.Padding.SAME, fused.Kind.NTK)
+  assert fused.native_kernel_matrix(x.astype(jnp.float64), *args) is None
+  assert fused.native_kernel_matrix(x, *args) is not None
+  monkeypatch.setenv('JCONVRFM_NATIVE', '0')
+  assert fused.native_kernel_matrix(x, *args) is None

@@ -220,11 +220,15 @@ def supports(dtype) -> bool:
 
 
 def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,
-           padding: checks.Padding, ntk: bool) -> jax.Array:
+           padding: checks.Padding, ntk: bool,
+           first_row: Optional[jax.Array] = None) -> jax.Array:
   """Unchecked float32 kernel matrix `(n1, n2)` through the custom call (CPU only).
 
   Patches, `M p` and the self Grams are formed here in JAX (as the XLA path's per-call
   precomputation does); the custom call runs the recursion. Requires `available()`.
+  `first_row` (an int32 scalar, may be traced): rows `x1` are images `first_row + a` of `x2`
+  (a symmetric matrix); then only 16-column blocks that reach a row's diagonal are computed,
+  the others are zeros (about half the work; mirror the upper triangle).
   """
   _require()
   n1, n2 = x1.shape[0], x2.shape[0]
@@ -246,7 +250,8 @@ def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int
   sq2 = sq2.reshape(blocks, LANES, h * w).transpose(0, 2, 1)         # (blocks, P, lanes)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n1, blocks * LANES), jnp.float32),
                           vmap_method='sequential')
-  out = call(p1.reshape(n1, h * w, d), sq1, mp2, sq2,
+  first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
+  out = call(p1.reshape(n1, h * w, d), sq1, mp2, sq2, first,
              height=np.int64(h), width=np.int64(w), q=np.int64(q), depth=np.int64(depth),
              padding=np.int64(_PADDING_CODES[padding]),
              inv_channels=np.float32(1.0 / x1.shape[-1]), ntk=bool(ntk),

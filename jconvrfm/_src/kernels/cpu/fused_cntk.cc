@@ -316,6 +316,8 @@ struct Problem {
   const float* s2;    // (blocks, layers..., kLanes)
   const float* i2;
   int64_t self_size;  // sum over layers of positions
+  int64_t first_row;  // < 0: every pair; else row a is image first_row + a of a symmetric
+                      // matrix and only column blocks reaching its diagonal are computed
   float* out;         // (n1, blocks * kLanes)
 };
 
@@ -449,6 +451,10 @@ void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
   float* theta = ws.theta.data();
   float* r = ws.r.data();
   float* t = ws.t.data();
+  // In a symmetric matrix, the lane holding the row image itself: correlation exactly 1 (a
+  // float32 rounding of it would move arccos, hence K(x, x), by about 1e-4).
+  const int64_t self_lane = pb.first_row < 0 ? -1 : pb.first_row + a - b * kLanes;
+  const uint32_t same = self_lane >= 0 && self_lane < kLanes ? 1u << self_lane : 0u;
   Vec total = Zero();
   for (int l = 0; l < g.depth; ++l) {
     const int np = g.positions(l);
@@ -464,7 +470,7 @@ void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
         Store(first, gram * pb.inv_channels);
         kk = th = first;
       }
-      const Relu out = ReluPosition<kNtk>(kk, th, s1[p], i1[p], s2 + off, i2 + off);
+      const Relu out = ReluPosition<kNtk>(kk, th, s1[p], i1[p], s2 + off, i2 + off, same);
       if (last) {
         total += kNtk ? out.t : out.r;
       } else {
@@ -488,7 +494,7 @@ void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
 
 ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
                          ffi::Buffer<ffi::F32> mp2, ffi::Buffer<ffi::F32> sq2,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t height, int64_t width,
+                         ffi::Buffer<ffi::S32> first_row, ffi::ResultBuffer<ffi::F32> out, int64_t height, int64_t width,
                          int64_t q, int64_t depth, int64_t padding, float inv_channels,
                          bool ntk, int64_t threads) {
   const auto p1_dims = p1.dimensions();
@@ -519,6 +525,10 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
   pb.p1 = p1.typed_data();
   pb.mp2 = mp2.typed_data();
   pb.out = out->typed_data();
+  if (first_row.element_count() != 1) {
+    return ffi::Error::InvalidArgument("fused_cntk: first_row must be a scalar");
+  }
+  pb.first_row = first_row.typed_data()[0];
 
   const SelfTables self =
       LaneLayoutSelfTables(pb.g, pb.n1, pb.blocks, inv_channels, sq1.typed_data(),
@@ -531,8 +541,14 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
     Workspace ws(pb.g);
     for (int64_t b = w; b < pb.blocks; b += workers)
       for (int64_t a = 0; a < pb.n1; ++a) {
-        if (pb.ntk) Pair<true>(pb, a, b, ws);
-        else Pair<false>(pb, a, b, ws);
+        if (pb.first_row >= 0 && pb.first_row + a >= (b + 1) * kLanes) {
+          // Wholly below the diagonal of a symmetric matrix: mirrored by the caller.
+          std::fill_n(pb.out + a * pb.blocks * kLanes + b * kLanes, kLanes, 0.0f);
+        } else if (pb.ntk) {
+          Pair<true>(pb, a, b, ws);
+        } else {
+          Pair<false>(pb, a, b, ws);
+        }
       }
   });
   return ffi::Error::Success();
@@ -1098,6 +1114,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkF32, FusedCntkImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sq1
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mp2
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sq2
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // first_row ()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Attr<int64_t>("height")
                                   .Attr<int64_t>("width")
