@@ -391,3 +391,19 @@ def test_native_kernel_matrix_does_not_apply_to_float64_or_when_switched_off(mon
   assert fused.native_kernel_matrix(x, *args) is not None
   monkeypatch.setenv('JCONVRFM_NATIVE', '0')
   assert fused.native_kernel_matrix(x, *args) is None
+
+
+def test_large_patch_dimensions_keep_the_xla_path():
+  # The custom calls form every image's patches: past native.MAX_PATCH_DIM the tiler's
+  # per-entry memory probe would cut matrices into needlessly many tiles (see native.py).
+  rng = np.random.default_rng(17)
+  c = native.MAX_PATCH_DIM // 9 + 1                     # q = 3: d = 9 c > MAX_PATCH_DIM
+  x = _images(rng, 3, 6, 6, c)
+  assert not _uses_custom_call(x, x, None)
+  assert _uses_custom_call(x[..., :native.MAX_PATCH_DIM // 9], x[..., :native.MAX_PATCH_DIM // 9],
+                           None)
+  assert fused.native_kernel_matrix(jnp.asarray(x), None, None, 2, 3, checks.Padding.SAME,
+                                    fused.Kind.NTK) is None
+  with pytest.raises(ValueError, match='patch dimension'):
+    _agop(x, np.ones((3, 2), np.float32), 3, 2, 'SAME', 'ntk', None, True,
+          z_indices=np.arange(3))

@@ -604,7 +604,8 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
     native: the fused native CPU path (`kernel_from_grams.native_agop_rows`, see the module
       docstring): None uses it where it applies (float32, CPU default backend, one device,
       the native library available), False never, True requires it (a `ValueError` says why
-      it does not apply). `symmetric`, the block sizes and `devices` concern the XLA paths.
+      it does not apply; also for patch dimensions over `native.MAX_PATCH_DIM`). `symmetric`,
+      the block sizes and `devices` concern the XLA paths.
 
   Returns:
     `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
@@ -634,7 +635,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   else:
     pz_all, sqz_all = px[idx], sqx[idx]   # bitwise the training values
   s = pz_all.shape[0]
-  if _native_applies(kernel_from_grams, x_train.dtype, devices, native):
+  if _native_applies(kernel_from_grams, x_train.dtype, d, devices, native):
     mpz_all = mpx[idx] if z_indices is not None else _metric_patches(pz_all, metric)[0]
     acc = _native_agop_sum(kernel_from_grams, px, mpx, sqx, alpha, pz_all, mpz_all, sqz_all,
                            idx, progress)
@@ -697,7 +698,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   return _check_result(g, 'kernel predictor AGOP (fused path)')
 
 
-def _native_applies(kernel, dtype, devices, native: Optional[bool]) -> bool:
+def _native_applies(kernel, dtype, patch_dim: int, devices, native: Optional[bool]) -> bool:
   """Whether `predictor_agop_from_grams` takes the native path (see its `native` argument)."""
   if native is not None and not isinstance(native, bool):
     raise TypeError(f'`native` must be None, True or False, got {native!r}.')
@@ -708,6 +709,8 @@ def _native_applies(kernel, dtype, devices, native: Optional[bool]) -> bool:
     reasons.append(f'the kernel {type(kernel).__name__} has no native path')
   if jnp.dtype(dtype) != jnp.float32:
     reasons.append(f'the dtype is {jnp.dtype(dtype)}, not float32')
+  if patch_dim > native_lib.MAX_PATCH_DIM:
+    reasons.append(f'the patch dimension {patch_dim} exceeds {native_lib.MAX_PATCH_DIM}')
   devices = _check_devices(devices)
   if len(devices) != 1 or devices[0].platform != 'cpu' or jax.default_backend() != 'cpu':
     reasons.append('it runs on one CPU device only (the default backend must be the CPU)')

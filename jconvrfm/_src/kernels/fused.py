@@ -684,14 +684,12 @@ def _native_applies(x1, x2, metric, q, padding) -> bool:
   """Whether a float32 call on a CPU takes the native custom call (`native.py`).
 
   Only where the CPU is the default backend (so that GPU and TPU hosts never build it), for
-  float32, and where the XLA path would itself precompute every image's patches (the
-  native path always does; beyond that bound the XLA path's per-tile patches bound memory).
+  float32, and for patch dimensions up to `native.MAX_PATCH_DIM` (see there).
   """
   if jax.default_backend() != 'cpu' or not native.supports(x1.dtype):
     return False
-  out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
   d = q * q * x1.shape[-1]
-  if not _precomputes_patches(x1.shape[0], x2.shape[0], out_h * out_w, d, x1.dtype.itemsize):
+  if d > native.MAX_PATCH_DIM:
     return False
   return native.available()
 

@@ -60,6 +60,13 @@ GRADS_SYMBOL = 'JconvrfmFusedCntkGradsF32'
 AGOP_TARGET = 'jconvrfm_fused_cntk_agop_f32'
 AGOP_SYMBOL = 'JconvrfmFusedCntkAgopF32'
 LANES = 16  # column images per vector block (kLanes in the source)
+# Largest patch dimension d = q^2 C sent to the custom calls. They form every image's patches
+# (n x positions x d numbers per operand), so their memory grows with d, not with the number
+# of kernel entries: the tiler's per-entry memory probe then sees 451 KB per entry at d = 1152
+# (32 x 32 probe, 30 x 30 x 128 maps; the XLA path 31 KB) and cuts a Deep ConvRFM final layer
+# into 1891 tiles of 13+ minutes, where the XLA path took minutes. Up to this bound (the XLA
+# path's own bound for precomputing patches) the measured cases run 2-5x the XLA path.
+MAX_PATCH_DIM = 64
 _PADDING_CODES = {checks.Padding.VALID: 0, checks.Padding.SAME: 1,
                   checks.Padding.CIRCULAR: 2}
 
