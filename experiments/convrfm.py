@@ -88,6 +88,9 @@ def define_flags(flag_values=FLAGS):
   define.integer('q', 11, 'Patch size.')
   define.integer('depth', 1, 'CNTK depth.')
   define.enum('padding', 'VALID', ['VALID', 'SAME', 'CIRCULAR'], 'Padding.')
+  define.enum('kind', 'ntk', ['ntk', 'nngp'], 'CNTK output: the NTK (the paper) or the NNGP.')
+  define.enum('normalize', 'max', ['max', 'none'], 'Kernel scaling: divide by max K_train '
+              '(the reference) or none.')
   define.integer('rounds', 2, 'Ridge fits (round 0 = CNTK, then one per metric update).')
   define.list('ridges', ['1e-8', '1e-5', '1e-3'], 'Ridge grid.')
   define.integer('agop_samples', 0, 'Training images in the AGOP (0: all).')
@@ -381,7 +384,7 @@ def plot_filtered(image, metric, q: int, padding: str, path: pathlib.Path, title
 def config_from_flags(values) -> crfm.ConvRFMConfig:
   return crfm.ConvRFMConfig(
       patch_size=values.q, depth=values.depth, padding=values.padding,
-      rounds=values.rounds, ridges=tuple(float(r) for r in values.ridges),
+      kind=values.kind, normalize=values.normalize, rounds=values.rounds, ridges=tuple(float(r) for r in values.ridges),
       agop_samples=values.agop_samples or None, power=values.power,
       keep_fraction=values.keep_fraction, dtype=values.dtype, val_fraction=values.val_fraction,
       select_on_test=values.select_on_test, refit=values.refit, seed=values.seed,

@@ -97,6 +97,28 @@ def test_convrfm_binary_without_refit(tmp_path):
     assert not bool(z['refit']) and 'refit_alpha' not in z.files
 
 
+@pytest.mark.parametrize('kind, normalize', [('nngp', 'max'), ('ntk', 'none')])
+def test_convrfm_binary_kind_and_normalize_reach_the_library(tmp_path, kind, normalize):
+  argv = TINY + [f'--workdir={tmp_path}', f'--kind={kind}', f'--normalize={normalize}']
+  values = _values(exp.define_flags, argv)
+  summary = exp.run(values)
+  saved = json.loads((tmp_path / 'config.json').read_text())['convrfm']
+  assert (saved['kind'], saved['normalize']) == (kind, normalize)
+  # The same run through the library directly, with the config spelled out by hand.
+  train, test = exp.load_data('bars', 'train', 'test', 16, 8, 0, None, None)
+  config = crfm.ConvRFMConfig(patch_size=3, depth=1, rounds=2, ridges=(1e-6, 1e-2),
+                              val_fraction=0.25, kind=kind, normalize=normalize)
+  state = crfm.convrfm_fit(train.images, train.labels, config=config,
+                           num_classes=train.num_classes, x_test=test.images,
+                           y_test=test.labels)
+  assert summary['test_acc_per_round'] == [r.scores['test']['acc'] for r in state.history]
+  with np.load(tmp_path / 'round_1.npz') as z:
+    np.testing.assert_allclose(z['metric'], np.asarray(state.history[1].metric), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(z['alpha'], np.asarray(state.history[1].alpha), rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_convrfm_binary_refuses_a_workdir_from_before_refit(tmp_path):
   workdir = tmp_path / 'old'
   argv = TINY + [f'--workdir={workdir}', '--rounds=1']

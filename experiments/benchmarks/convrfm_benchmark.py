@@ -16,6 +16,8 @@ two AGOPs. About two minutes on a 2-core CPU:
 """
 
 import functools
+import json
+import pathlib
 import time
 
 from absl import app
@@ -36,6 +38,7 @@ flags.DEFINE_integer('image_size', 20, 'Images are image_size x image_size x 1.'
 flags.DEFINE_integer('depth', 2, 'CNTK depth.')
 flags.DEFINE_integer('classes', 10, 'Number of classes.')
 flags.DEFINE_integer('repeats', 3, 'Timed repetitions (median reported).')
+flags.DEFINE_string('workdir', None, 'If set, write results.json there (every row).')
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -83,6 +86,7 @@ def main(argv):
         f'depth={FLAGS.depth}, {FLAGS.classes} classes, float32, median of {FLAGS.repeats}')
   print(f'{"n_train":>8} {"s":>5} {"fast s":>9} {"reference s":>12} {"ratio":>7} '
         f'{"rel. diff":>10}')
+  rows = []
   for spec in FLAGS.sizes:
     n, s = (int(v) for v in spec.split(':'))
     x = jnp.asarray(rng.normal(size=(n, FLAGS.image_size, FLAGS.image_size, 1)), jnp.float32)
@@ -98,6 +102,14 @@ def main(argv):
     a, b = np.asarray(fast(), np.float64), np.asarray(ref(), np.float64)
     diff = np.linalg.norm(a - b) / np.linalg.norm(b)
     print(f'{n:>8} {s:>5} {t_fast:>9.3f} {t_ref:>12.3f} {t_ref / t_fast:>7.1f} {diff:>10.2e}')
+    rows.append(dict(n_train=n, s=s, fast_s=t_fast, reference_s=t_ref, rel_diff=float(diff)))
+  if FLAGS.workdir:
+    workdir = pathlib.Path(FLAGS.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'results.json').write_text(json.dumps(
+        {'device': jax.devices()[0].device_kind, 'image_size': FLAGS.image_size,
+         'depth': FLAGS.depth, 'classes': FLAGS.classes, 'repeats': FLAGS.repeats,
+         'rows': rows}, indent=2))
 
 
 if __name__ == '__main__':

@@ -43,6 +43,8 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'Image and kernel 
 flags.DEFINE_list('impls', ['fused', 'nt'], 'Implementations to time.')
 flags.DEFINE_float('peak_bandwidth_gbs', 0.0,
                    'Peak memory bandwidth of the device in GB/s (0: do not report a fraction).')
+flags.DEFINE_list('configs', [], 'Configurations to run, by name (see CONFIGS); empty: all.')
+flags.DEFINE_string('workdir', None, 'If set, write results.json there (every row).')
 flags.DEFINE_string('worker', '', 'Internal: run one configuration (JSON) and print JSON.')
 
 # (name, height, width, channels, patch_size, depth)
@@ -93,6 +95,7 @@ def _worker(spec):
 
   start = time.perf_counter()
   k = call()
+  np.save(spec['out'], np.asarray(k))
   compile_s = time.perf_counter() - start
   times = []
   for _ in range(spec['repeats']):
@@ -131,17 +134,34 @@ def main(argv):
   if FLAGS.worker:
     _worker(json.loads(FLAGS.worker))
     return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  names = [c[0] for c in CONFIGS]
+  unknown = sorted(set(FLAGS.configs) - set(names))
+  if unknown:
+    raise app.UsageError(f'--configs: unknown {unknown}; expected some of {names}.')
   itemsize = 4 if FLAGS.dtype == 'float32' else 8
   rows = []
-  for name, h, w, c, q, depth in CONFIGS:
-    for use_metric in (False, True):
-      result = {}
-      for impl in FLAGS.impls:
-        spec = dict(n=FLAGS.n, h=h, w=w, c=c, q=q, depth=depth, metric=use_metric, impl=impl,
-                    repeats=FLAGS.repeats, dtype=FLAGS.dtype)
-        logging.info('running %s metric=%s impl=%s', name, use_metric, impl)
-        result[impl] = _run_config(spec)
-      rows.append((name, use_metric, depth, h, w, q, result))
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, h, w, c, q, depth in CONFIGS:
+      if FLAGS.configs and name not in FLAGS.configs:
+        continue
+      for use_metric in (False, True):
+        result, values = {}, {}
+        for impl in FLAGS.impls:
+          spec = dict(n=FLAGS.n, h=h, w=w, c=c, q=q, depth=depth, metric=use_metric, impl=impl,
+                      repeats=FLAGS.repeats, dtype=FLAGS.dtype,
+                      out=os.path.join(tmp, f'{impl}.npy'))
+          logging.info('running %s metric=%s impl=%s', name, use_metric, impl)
+          result[impl] = _run_config(spec)
+          values[impl] = np.load(spec['out']).astype(np.float64)
+        if 'fused' in values and 'nt' in values:
+          # The same inputs (seeded) in both workers: the fused path against neural-tangents.
+          diff = float(np.linalg.norm(values['fused'] - values['nt']) /
+                       np.linalg.norm(values['nt']))
+          for res in result.values():
+            res['rel_diff_fused_vs_nt'] = diff
+        rows.append((name, use_metric, depth, h, w, q, result))
 
   entries = FLAGS.n * FLAGS.n
   device = next(iter(rows[0][-1].values()))['device']
@@ -149,7 +169,7 @@ def main(argv):
         f'median of {FLAGS.repeats} after compilation; device: {device}')
   header = (f'{"config":<16}{"metric":<8}{"impl":<7}{"entries/s":>12}{"ratio":>8}'
             f'{"compile s":>11}{"max RSS MB":>12}{"dev peak MB":>13}{"eff. GB/s":>11}'
-            f'{"of peak":>9}')
+            f'{"of peak":>9}{"rel. diff":>11}')
   print(header)
   print('-' * len(header))
   for name, use_metric, depth, h, w, q, result in rows:
@@ -164,10 +184,21 @@ def main(argv):
         gbs = f'{bw:.1f}'
         if FLAGS.peak_bandwidth_gbs > 0:
           frac = f'{bw / FLAGS.peak_bandwidth_gbs:.1%}'
+      diff = res.get('rel_diff_fused_vs_nt')
+      diff = '-' if diff is None else f'{diff:.1e}'
       print(f'{name:<16}{str(use_metric):<8}{impl:<7}{rate:>12,.0f}{ratio:>8}'
-            f'{res["compile_s"]:>11.1f}{res["maxrss_mb"]:>12.0f}{dev:>13}{gbs:>11}{frac:>9}')
+            f'{res["compile_s"]:>11.1f}{res["maxrss_mb"]:>12.0f}{dev:>13}{gbs:>11}{frac:>9}'
+            f'{diff:>11}')
       if not res['finite']:
         print(f'  WARNING: non-finite kernel entries for {name} {impl}')
+  print('rel. diff: relative Frobenius difference of the fused and neural-tangents kernels.')
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
+      json.dump({'n': FLAGS.n, 'repeats': FLAGS.repeats, 'dtype': FLAGS.dtype, 'device': device,
+                 'rows': [dict(config=name, metric=use_metric, impl=impl, **res)
+                          for name, use_metric, _, _, _, _, result in rows
+                          for impl, res in result.items()]}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -32,6 +32,7 @@ flags.DEFINE_integer('kernel_n', 1000, 'Images per side of the timed kernel matr
 flags.DEFINE_integer('agop_n', 800, 'Training images (= samples) of the timed AGOP.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls after compilation (median reported).')
 flags.DEFINE_list('phases', ['kernel', 'agop'], 'Phases to time.')
+flags.DEFINE_string('workdir', None, 'If set, write results.json there (every row).')
 flags.DEFINE_string('worker', '', 'Internal: run one (phase, path) and print JSON.')
 
 
@@ -127,6 +128,14 @@ def main(argv):
           f'{nat["maxrss_mb"]:>12.0f} /{xla["maxrss_mb"]:>6.0f}{diff:>12.1e}')
     if not (nat['finite'] and xla['finite']):
       print(f'  WARNING: non-finite results in {phase}')
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
+      json.dump({'repeats': FLAGS.repeats, 'device': device, 'rows': [
+          dict(phase=phase, n=n, rel_diff=float(diff),
+               **{path: {k: v for k, v in r.items() if k != 'result'}
+                  for path, r in res.items()})
+          for phase, n, res, diff in rows]}, f, indent=2)
 
 
 if __name__ == '__main__':
