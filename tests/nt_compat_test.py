@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +77,10 @@ if isinstance(analysis, dict):
   missing.append('neural_tangents._src.empirical._get_flops')
 import warnings
 import jax.numpy as jnp
-def fails(fn):
+def fails(fn):  # raises, or warns that a later jax will raise
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter('ignore', DeprecationWarning)
+      warnings.simplefilter('error', DeprecationWarning)
       fn()
     return False
   except Exception:
@@ -88,6 +89,7 @@ if fails(lambda: jnp.dtype(jnp.zeros((1,), jnp.float32))):
   missing.append('neural_tangents._src.empirical._get_fx_axis_and_dtype')
 s = jax.ShapeDtypeStruct((2, 3), jnp.float32)
 if fails(lambda: (jnp.size(s), jax.dtypes.result_type(s, s))):
+  missing.append('neural_tangents._src.empirical._unravel_array_into_pytree')
   missing.append('neural_tangents._src.empirical._std_basis')
 import inspect
 try:
@@ -259,19 +261,52 @@ def test_auto_implementation_uses_flops():
   assert math.isfinite(float(jnp.sum(auto)))
 
 
+@pytest.mark.parametrize('implementation', [1, 2, 3])
+def test_empirical_ntk_runs_free_of_jax_deprecations(implementation):
+  """No call that current jax deprecates (and a later jax rejects) is left on NT's path."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, 4, 4, 1)))
+  init_fn, apply_fn, _ = stax.serial(stax.Conv(3, (2, 2)), stax.Relu(), stax.Flatten(),
+                                     stax.Dense(2))
+  _, params = init_fn(jax.random.PRNGKey(3), x.shape)
+  ref = nt.empirical_ntk_fn(apply_fn, trace_axes=(), implementation=1)(x, None, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', DeprecationWarning)
+    got = nt.empirical_ntk_fn(apply_fn, trace_axes=(), implementation=implementation)(
+        x, None, params)
+  tolerances.assert_rel_fro(got, ref, 1e-10, f'implementation {implementation}')
+
+
 def test_forward_compatible_helpers_match_neural_tangents():
-  """The replacements installed where a later jax rejects deprecated calls agree with NT."""
+  """The replacements for deprecated calls agree with NT's originals and with the definition."""
   from third_party import nt_compat  # pylint: disable=g-import-not-at-top
   from neural_tangents._src import empirical  # pylint: disable=g-import-not-at-top
+  prefix = 'neural_tangents._src.empirical.'
+  orig = lambda name: nt_compat.ORIGINALS.get(prefix + name, getattr(empirical, name))
   tree = {'a': jnp.ones((2, 3), jnp.float32), 'b': [jnp.zeros((4,), jnp.float64)]}
-  ours = nt_compat._std_basis_compat(empirical, tree)  # pylint: disable=protected-access
-  theirs = empirical._std_basis(tree)  # pylint: disable=protected-access
-  for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The standard basis of the flattened tree is the identity (the definition).
+  basis = nt_compat._std_basis_compat(empirical, tree)  # pylint: disable=protected-access
+  flat = jnp.concatenate([l.reshape(10, -1) for l in jax.tree_util.tree_leaves(basis)], axis=1)
+  assert flat.dtype == jnp.float64
+  np.testing.assert_array_equal(np.asarray(flat), np.eye(10))
+  # Unravelling along any axis, against NT's own helper (arrays: no deprecated call there).
+  rng = np.random.default_rng(6)
+  arr = jnp.asarray(rng.normal(size=(5, 10, 2)))
+  for axis in (1, -2):
+    ours = nt_compat._unravel_array_into_pytree_compat(tree, axis, arr)  # pylint: disable=protected-access
+    theirs = orig('_unravel_array_into_pytree')(tree, axis, arr)
+    for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+      assert x.shape == y.shape
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  shapes = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(l.shape, l.dtype), tree)
+  from_structs = nt_compat._unravel_array_into_pytree_compat(shapes, 1, arr)  # pylint: disable=protected-access
+  assert [l.shape for l in jax.tree_util.tree_leaves(from_structs)] == [(5, 2, 3, 2), (5, 4, 2)]
   fx = jnp.ones((3, 2))
-  assert (nt_compat._get_fx_axis_and_dtype_compat(fx, None, tree) ==  # pylint: disable=protected-access
-          empirical._get_fx_axis_and_dtype(fx, None, tree))  # pylint: disable=protected-access
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)  # NT's original, on this jax
+    expected = orig('_get_fx_axis_and_dtype')(fx, None, tree)
+  assert nt_compat._get_fx_axis_and_dtype_compat(fx, None, tree) == expected  # pylint: disable=protected-access
 
 
 def test_empirical_ntk_passes_debug_info_to_wrap_init():

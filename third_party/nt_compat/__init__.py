@@ -6,7 +6,8 @@ neural-tangents 0.6.5 (the last release) imports names that jax has since moved
 structured-derivatives empirical NTK, the old signature of `ad.linearize`,
 `Primitive.map_primitive`, `jax.core.DShapedArray`, `ad.source_info_util`,
 `ad.reducing_transposes`, `ad.config` and a list-valued `cost_analysis()`; there it also
-calls `lu.wrap_init` without the `DebugInfo` that current jax asks for (deprecated). Its
+calls `lu.wrap_init` without the `DebugInfo` that current jax asks for (deprecated), and
+`jnp.dtype` / `jnp.size` on arrays and shape structs in ways jax deprecates. Its
 `experimental` sub-package also imports TensorFlow and tf2jax eagerly.
 
 `apply()` probes the running jax (with `hasattr` and import attempts, never by version
@@ -35,12 +36,14 @@ import importlib
 import sys
 import threading
 import types
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
-__all__ = ['apply', 'patched', 'ExperimentalUnavailableError']
+__all__ = ['apply', 'patched', 'ExperimentalUnavailableError', 'ORIGINALS']
 
 _LOCK = threading.Lock()
 _PATCHED: List[str] = []
+# neural-tangents' own functions that `apply()` replaced, by dotted name (for comparisons).
+ORIGINALS: Dict[str, Callable[..., Any]] = {}
 
 # Names neural-tangents reads from `jax.core` that newer jax moved to `jax.extend.core`.
 _CORE_NAMES = ('Jaxpr', 'JaxprEqn', 'Literal', 'Var', 'Primitive', 'ShapedArray',
@@ -267,13 +270,19 @@ def _patch_neural_tangents(record: Callable[[str], None]) -> None:
 
   if (not _is_compat(empirical._get_fx_axis_and_dtype) and  # pylint: disable=protected-access
       not _probe_ok(_dtype_of_array)):
+    ORIGINALS['neural_tangents._src.empirical._get_fx_axis_and_dtype'] = (
+        empirical._get_fx_axis_and_dtype)  # pylint: disable=protected-access
     empirical._get_fx_axis_and_dtype = _get_fx_axis_and_dtype_compat  # pylint: disable=protected-access
     record('neural_tangents._src.empirical._get_fx_axis_and_dtype')
   if (not _is_compat(empirical._std_basis) and  # pylint: disable=protected-access
       not _probe_ok(_size_of_shape_struct)):
+    for name in ('_unravel_array_into_pytree', '_std_basis'):
+      ORIGINALS['neural_tangents._src.empirical.' + name] = getattr(empirical, name)
+    empirical._unravel_array_into_pytree = _unravel_array_into_pytree_compat  # pylint: disable=protected-access
     std_basis = functools.partial(_std_basis_compat, empirical)
     std_basis._nt_compat = True
     empirical._std_basis = std_basis  # pylint: disable=protected-access
+    record('neural_tangents._src.empirical._unravel_array_into_pytree')
     record('neural_tangents._src.empirical._std_basis')
 
 
@@ -317,16 +326,18 @@ def _is_compat(fn) -> bool:
   return bool(getattr(fn, '_nt_compat', False))
 
 
-# Probes and replacements for calls that current jax only deprecates (with a warning) but a
-# later jax may reject: `jnp.dtype(array)`, `jnp.size(ShapeDtypeStruct)` and
-# `result_type(ShapeDtypeStruct)`. They are installed only where the probe raises.
+# Probes and replacements for calls that current jax deprecates (with a warning) and a later
+# jax rejects: `jnp.dtype(array)`, `jnp.size(ShapeDtypeStruct)` and
+# `result_type(ShapeDtypeStruct)`. They are installed where the probe raises or warns, so
+# current jax already runs (and the tests exercise) the code a later jax needs.
 
 
 def _probe_ok(fn: Callable[[], Any]) -> bool:
+  """True if `fn()` runs without an exception and without a DeprecationWarning."""
   import warnings  # pylint: disable=g-import-not-at-top
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter('ignore', DeprecationWarning)
+      warnings.simplefilter('error', DeprecationWarning)
       fn()
     return True
   except Exception:  # pylint: disable=broad-except
@@ -369,6 +380,29 @@ def _std_basis_compat(empirical, pytree):
   dtype = functools.reduce(jnp.promote_types, [jnp.dtype(l.dtype) for l in leaves])
   flat_basis = jnp.eye(ndim, dtype=dtype)
   return empirical._unravel_array_into_pytree(pytree, 1, flat_basis)  # pylint: disable=protected-access
+
+
+def _unravel_array_into_pytree_compat(pytree, axis, arr):
+  """As neural-tangents' helper: split `arr` along `axis` into `pytree`'s leaf shapes.
+
+  Sizes and shapes come from each leaf's `.shape` (arrays and `ShapeDtypeStruct`s alike),
+  where neural-tangents calls `jnp.size` / `jnp.shape` on them.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree_util.tree_flatten(pytree)
+  if arr.ndim > 0:
+    axis %= arr.ndim
+  shapes = [tuple(np.shape(l) if not hasattr(l, 'shape') else l.shape) for l in leaves]
+  sizes = [int(np.prod(shape)) for shape in shapes]
+  parts = jnp.split(arr, np.cumsum(sizes[:-1]).tolist(), axis)
+  return jax.tree_util.tree_unflatten(treedef, [
+      jnp.reshape(part, arr.shape[:axis] + shape + arr.shape[axis + 1:])
+      for part, shape in zip(parts, shapes)])
+
+
+_unravel_array_into_pytree_compat._nt_compat = True
 
 
 def apply() -> List[str]:
