@@ -384,7 +384,8 @@ def plot_filtered(image, metric, q: int, padding: str, path: pathlib.Path, title
 def config_from_flags(values) -> crfm.ConvRFMConfig:
   return crfm.ConvRFMConfig(
       patch_size=values.q, depth=values.depth, padding=values.padding,
-      kind=values.kind, normalize=values.normalize, rounds=values.rounds, ridges=tuple(float(r) for r in values.ridges),
+      kind=values.kind, normalize=values.normalize, rounds=values.rounds,
+      ridges=tuple(float(r) for r in values.ridges),
       agop_samples=values.agop_samples or None, power=values.power,
       keep_fraction=values.keep_fraction, dtype=values.dtype, val_fraction=values.val_fraction,
       select_on_test=values.select_on_test, refit=values.refit, seed=values.seed,

@@ -19,15 +19,18 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 
-def _run(module, workdir, *flags):
+def _launch(module, *flags):
   env = dict(os.environ)
   env['PYTHONPATH'] = str(REPO_ROOT) + os.pathsep + env.get('PYTHONPATH', '')
   # One CPU device, as a user's shell has (the test session simulates four).
   env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                               if 'xla_force_host_platform_device_count' not in f)
-  proc = subprocess.run(
-      [sys.executable, '-m', module, f'--workdir={workdir}', *flags], cwd=REPO_ROOT, env=env,
-      capture_output=True, text=True, check=False, timeout=600)
+  return subprocess.run([sys.executable, '-m', module, *flags], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, check=False, timeout=600)
+
+
+def _run(module, workdir, *flags):
+  proc = _launch(module, f'--workdir={workdir}', *flags)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout, json.loads((workdir / 'results.json').read_text())
 
@@ -46,11 +49,10 @@ def test_kernel_throughput_runs_and_fused_matches_neural_tangents(tmp_path):
 
 
 def test_kernel_throughput_rejects_unknown_configs(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmarks.kernel_throughput', '--configs=nope'],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=300)
+  proc = _launch('experiments.benchmarks.kernel_throughput', f'--workdir={tmp_path}',
+                 '--configs=nope')
   assert proc.returncode != 0
+  assert not (tmp_path / 'results.json').exists()
   assert '--configs' in proc.stderr and 'nope' in proc.stderr
 
 

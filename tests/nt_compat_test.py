@@ -286,7 +286,7 @@ def test_forward_compatible_helpers_match_neural_tangents():
   orig = lambda name: nt_compat.ORIGINALS.get(prefix + name, getattr(empirical, name))
   tree = {'a': jnp.ones((2, 3), jnp.float32), 'b': [jnp.zeros((4,), jnp.float64)]}
   # The standard basis of the flattened tree is the identity (the definition).
-  basis = nt_compat._std_basis_compat(empirical, tree)  # pylint: disable=protected-access
+  basis = nt_compat._std_basis_compat(tree)  # pylint: disable=protected-access
   flat = jnp.concatenate([l.reshape(10, -1) for l in jax.tree_util.tree_leaves(basis)], axis=1)
   assert flat.dtype == jnp.float64
   np.testing.assert_array_equal(np.asarray(flat), np.eye(10))

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchmarks
 import jconvrfm
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 10_000, 'Images in the AGOP.')
@@ -287,12 +288,9 @@ def main(argv):
           f'{fmt(r.get("rel_err_generic_vs_closed"), ".2e"):>9}')
   print('t ratio: median time / closed-form median time of the same layer.')
   if _WORKDIR.value:
-    workdir = pathlib.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'results.json').write_text(json.dumps(
-        {'device': device.device_kind, 'platform': device.platform, 'config': cfg,
-         'baseline': baseline, 'rows': rows}, indent=2))
-
+    benchmarks.write_results(_WORKDIR.value, {
+        'device': device.device_kind, 'platform': device.platform, 'config': cfg,
+        'baseline': baseline, 'rows': rows})
 
 if __name__ == '__main__':
   app.run(main)

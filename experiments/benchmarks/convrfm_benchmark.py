@@ -16,8 +16,6 @@ two AGOPs. About two minutes on a 2-core CPU:
 """
 
 import functools
-import json
-import pathlib
 import time
 
 from absl import app
@@ -26,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchmarks
 from jconvrfm._src import checks
 from jconvrfm._src import convrfm as crfm
 from jconvrfm._src import patches as patches_lib
@@ -104,12 +103,10 @@ def main(argv):
     print(f'{n:>8} {s:>5} {t_fast:>9.3f} {t_ref:>12.3f} {t_ref / t_fast:>7.1f} {diff:>10.2e}')
     rows.append(dict(n_train=n, s=s, fast_s=t_fast, reference_s=t_ref, rel_diff=float(diff)))
   if FLAGS.workdir:
-    workdir = pathlib.Path(FLAGS.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'results.json').write_text(json.dumps(
-        {'device': jax.devices()[0].device_kind, 'image_size': FLAGS.image_size,
-         'depth': FLAGS.depth, 'classes': FLAGS.classes, 'repeats': FLAGS.repeats,
-         'rows': rows}, indent=2))
+    benchmarks.write_results(FLAGS.workdir, {
+        'device': jax.devices()[0].device_kind, 'image_size': FLAGS.image_size,
+        'depth': FLAGS.depth, 'classes': FLAGS.classes, 'repeats': FLAGS.repeats,
+        'rows': rows})
 
 
 if __name__ == '__main__':

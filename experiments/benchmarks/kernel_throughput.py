@@ -41,6 +41,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import benchmarks
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('n', 64, 'Images per side of the timed (n, n) kernel block.')
 flags.DEFINE_integer('repeats', 5, 'Timed calls after compilation (median reported).')
@@ -198,12 +200,11 @@ def main(argv):
         print(f'  WARNING: non-finite kernel entries for {name} {impl}')
   print('rel. diff: relative Frobenius difference of the fused and neural-tangents kernels.')
   if FLAGS.workdir:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
-      json.dump({'n': FLAGS.n, 'repeats': FLAGS.repeats, 'dtype': FLAGS.dtype, 'device': device,
-                 'rows': [dict(config=name, metric=use_metric, impl=impl, **res)
-                          for name, use_metric, _, _, _, _, result in rows
-                          for impl, res in result.items()]}, f, indent=2)
+    benchmarks.write_results(FLAGS.workdir, {
+        'n': FLAGS.n, 'repeats': FLAGS.repeats, 'dtype': FLAGS.dtype, 'device': device,
+        'rows': [dict(config=name, metric=use_metric, impl=impl, **res)
+                 for name, use_metric, _, _, _, _, result in rows
+                 for impl, res in result.items()]})
 
 
 if __name__ == '__main__':

@@ -27,6 +27,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments import benchmarks
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('kernel_n', 1000, 'Images per side of the timed kernel matrix.')
 flags.DEFINE_integer('agop_n', 800, 'Training images (= samples) of the timed AGOP.')
@@ -129,13 +131,10 @@ def main(argv):
     if not (nat['finite'] and xla['finite']):
       print(f'  WARNING: non-finite results in {phase}')
   if FLAGS.workdir:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
-      json.dump({'repeats': FLAGS.repeats, 'device': device, 'rows': [
-          dict(phase=phase, n=n, rel_diff=float(diff),
-               **{path: {k: v for k, v in r.items() if k != 'result'}
-                  for path, r in res.items()})
-          for phase, n, res, diff in rows]}, f, indent=2)
+    benchmarks.write_results(FLAGS.workdir, {'repeats': FLAGS.repeats, 'device': device, 'rows': [
+        dict(phase=phase, n=n, rel_diff=float(diff),
+             **{path: {k: v for k, v in r.items() if k != 'result'} for path, r in res.items()})
+        for phase, n, res, diff in rows]})
 
 
 if __name__ == '__main__':

@@ -279,9 +279,7 @@ def _patch_neural_tangents(record: Callable[[str], None]) -> None:
     for name in ('_unravel_array_into_pytree', '_std_basis'):
       ORIGINALS['neural_tangents._src.empirical.' + name] = getattr(empirical, name)
     empirical._unravel_array_into_pytree = _unravel_array_into_pytree_compat  # pylint: disable=protected-access
-    std_basis = functools.partial(_std_basis_compat, empirical)
-    std_basis._nt_compat = True
-    empirical._std_basis = std_basis  # pylint: disable=protected-access
+    empirical._std_basis = _std_basis_compat  # pylint: disable=protected-access
     record('neural_tangents._src.empirical._unravel_array_into_pytree')
     record('neural_tangents._src.empirical._std_basis')
 
@@ -370,7 +368,7 @@ def _get_fx_axis_and_dtype_compat(fx, fx_axis, params):
 _get_fx_axis_and_dtype_compat._nt_compat = True
 
 
-def _std_basis_compat(empirical, pytree):
+def _std_basis_compat(pytree):
   """As neural-tangents' `_std_basis`, reading sizes and dtypes from `.shape`/`.dtype`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -379,7 +377,7 @@ def _std_basis_compat(empirical, pytree):
   ndim = sum(int(np.prod(l.shape)) for l in leaves)
   dtype = functools.reduce(jnp.promote_types, [jnp.dtype(l.dtype) for l in leaves])
   flat_basis = jnp.eye(ndim, dtype=dtype)
-  return empirical._unravel_array_into_pytree(pytree, 1, flat_basis)  # pylint: disable=protected-access
+  return _unravel_array_into_pytree_compat(pytree, 1, flat_basis)
 
 
 def _unravel_array_into_pytree_compat(pytree, axis, arr):
@@ -394,7 +392,7 @@ def _unravel_array_into_pytree_compat(pytree, axis, arr):
   leaves, treedef = jax.tree_util.tree_flatten(pytree)
   if arr.ndim > 0:
     axis %= arr.ndim
-  shapes = [tuple(np.shape(l) if not hasattr(l, 'shape') else l.shape) for l in leaves]
+  shapes = [tuple(np.shape(l)) for l in leaves]  # `np.shape` reads `.shape` where there is one
   sizes = [int(np.prod(shape)) for shape in shapes]
   parts = jnp.split(arr, np.cumsum(sizes[:-1]).tolist(), axis)
   return jax.tree_util.tree_unflatten(treedef, [
@@ -403,6 +401,7 @@ def _unravel_array_into_pytree_compat(pytree, axis, arr):
 
 
 _unravel_array_into_pytree_compat._nt_compat = True
+_std_basis_compat._nt_compat = True
 
 
 def apply() -> List[str]:
