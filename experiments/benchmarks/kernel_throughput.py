@@ -33,8 +33,6 @@ Measured 2026-11-27 (XLA fused path), float32, entries/s (fused / NT, ratio; pea
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 from absl import app
@@ -124,16 +122,7 @@ def _worker(spec):
 
 
 def _run_config(spec):
-  env = dict(os.environ)
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmarks.kernel_throughput',
-       '--worker=' + json.dumps(spec)], cwd=root, env=env, capture_output=True, text=True,
-      check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f'worker failed for {spec}:\n{proc.stderr[-3000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return benchmarks.run_worker('experiments.benchmarks.kernel_throughput', spec)
 
 
 def main(argv):

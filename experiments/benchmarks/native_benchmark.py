@@ -20,8 +20,6 @@ between the two paths' results (same inputs, same seed). About 3 minutes on a 2-
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 from absl import app
@@ -80,17 +78,8 @@ def _worker(spec):
 
 
 def _run(spec, native_on):
-  env = dict(os.environ)
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  env['JCONVRFM_NATIVE'] = '1' if native_on else '0'
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmarks.native_benchmark',
-       '--worker=' + json.dumps(spec)], cwd=root, env=env, capture_output=True, text=True,
-      check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f'worker failed for {spec}:\n{proc.stderr[-3000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return benchmarks.run_worker('experiments.benchmarks.native_benchmark', spec,
+                               env={'JCONVRFM_NATIVE': '1' if native_on else '0'})
 
 
 def main(argv):
