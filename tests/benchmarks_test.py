@@ -70,6 +70,18 @@ def test_agop_benchmark_runs_and_variants_agree(tmp_path):
     assert r['rel_err_generic_vs_closed'] < 1e-5
 
 
+def test_agop_benchmark_measures_memory_in_worker_processes(tmp_path):
+  _, res = _run('experiments.benchmarks.agop_benchmark', tmp_path, '--num_images=8',
+                '--block_size=4', '--agop_chunk=4', '--width=4', '--depth=2',
+                '--image_size=10', '--repeats=1', '--layers=1', '--variants=closed',
+                '--measure_memory=true')
+  (row,) = res['rows']
+  baseline = res['baseline']['host_peak_mb']
+  # Each worker is a fresh process that does what the baseline does (imports, parameters, one
+  # input block) and then runs its variant: its peak is at least the baseline's.
+  assert 0 < baseline <= row['host_peak_mb']
+
+
 def test_convrfm_benchmark_runs_and_fast_agop_matches_per_class(tmp_path):
   stdout, res = _run('experiments.benchmarks.convrfm_benchmark', tmp_path, '--sizes=6:3',
                      '--image_size=8', '--classes=3', '--repeats=1')

@@ -5,7 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -19,9 +19,9 @@ def write_results(workdir: str, results: Dict[str, Any]) -> pathlib.Path:
   return out
 
 
-def run_worker(module: str, spec: Dict[str, Any],
+def run_worker(module: str, spec: Any, *, args: Sequence[str] = (),
                env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-  """Runs `python -m module --worker=<spec as JSON>` in a fresh process from the repository root.
+  """Runs `python -m module --worker=<spec as JSON> *args` in a fresh process from the repo root.
 
   The worker prints its result as JSON on its last stdout line; a fresh process per
   measurement gives each its own compilation and peak-memory figures. `env` adds to (and
@@ -30,7 +30,7 @@ def run_worker(module: str, spec: Dict[str, Any],
   full_env = dict(os.environ)
   full_env['PYTHONPATH'] = str(_ROOT) + os.pathsep + full_env.get('PYTHONPATH', '')
   full_env.update(env or {})
-  proc = subprocess.run([sys.executable, '-m', module, '--worker=' + json.dumps(spec)],
+  proc = subprocess.run([sys.executable, '-m', module, '--worker=' + json.dumps(spec), *args],
                         cwd=_ROOT, env=full_env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f'{module} worker failed for {spec}:\n{proc.stderr[-3000:]}')

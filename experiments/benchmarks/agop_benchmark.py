@@ -32,11 +32,9 @@ A quick CPU run:
 
 import functools
 import json
-import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List
@@ -72,7 +70,7 @@ _PRECISION = flags.DEFINE_enum(
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of parameters and images.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'If set, write results.json there.')
 _WORKER = flags.DEFINE_string('worker', None,
-                              'Internal: "<variant>:<layer>" or "baseline" memory worker.')
+                              'Internal: JSON "<variant>:<layer>" or "baseline" memory worker.')
 
 Q = 3
 
@@ -187,8 +185,7 @@ def worker(spec, params, key, cfg):
   else:
     variant, layer = spec.split(':')
     run_variant(variant, int(layer), params, key, cfg)
-  print('WORKER_RESULT ' + json.dumps({'host_peak_mb': host_peak_mb(),
-                                       'device_peak_mb': device_peak_mb()}))
+  print(json.dumps({'host_peak_mb': host_peak_mb(), 'device_peak_mb': device_peak_mb()}))
 
 
 def host_peak_mb():
@@ -207,15 +204,9 @@ def host_peak_mb():
 
 
 def measure_in_subprocess(spec) -> Dict[str, Any]:
+  """Runs `worker(spec)` in a fresh process with this run's flags."""
   argv = [a for a in sys.argv[1:] if not a.startswith('--worker')]
-  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={spec}'] + argv
-  env = dict(os.environ)
-  env.setdefault('PYTHONPATH', str(pathlib.Path(__file__).resolve().parents[2]))
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-  for line in out.stdout.splitlines():
-    if line.startswith('WORKER_RESULT '):
-      return json.loads(line[len('WORKER_RESULT '):])
-  raise RuntimeError(f'memory worker {spec} failed:\n{out.stderr[-3000:]}')
+  return benchmarks.run_worker('experiments.benchmarks.agop_benchmark', spec, args=argv)
 
 
 def fmt(value, spec='.1f'):
@@ -233,7 +224,7 @@ def main(argv):
                        _IMAGE_SIZE.value, _NUM_CLASSES.value)
   data_key = jax.random.fold_in(key, 2)
   if _WORKER.value:
-    worker(_WORKER.value, params, data_key, cfg)
+    worker(json.loads(_WORKER.value), params, data_key, cfg)
     return
 
   layers = [int(l) for l in _LAYERS.value] or list(range(_DEPTH.value))
@@ -291,6 +282,7 @@ def main(argv):
     benchmarks.write_results(_WORKDIR.value, {
         'device': device.device_kind, 'platform': device.platform, 'config': cfg,
         'baseline': baseline, 'rows': rows})
+
 
 if __name__ == '__main__':
   app.run(main)
