@@ -96,14 +96,14 @@ def test_native_benchmark_runs_and_paths_agree(tmp_path, monkeypatch):
   from jconvrfm._src.kernels import native  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('JCONVRFM_NATIVE', '1')  # as the benchmark's native worker
   stdout, res = _run('experiments.benchmarks.native_benchmark', tmp_path, '--kernel_n=16',
-                     '--agop_n=16', '--repeats=1')
+                     '--agop_n=16', '--pixels_n=5', '--repeats=1')
   assert 'Native CPU kernels vs XLA' in stdout
-  assert [r['phase'] for r in res['rows']] == ['kernel', 'agop']
+  assert [r['phase'] for r in res['rows']] == ['kernel', 'agop', 'pixels']
   # The AGOP's samples are its training images, so it holds pairs of an image with itself,
   # where float32 loses accuracy at the arccos's square-root singularity. Measured at this
   # size against the float64 XLA path: native 2.4e-6, XLA float32 8.5e-6; between the two
   # 7.8e-6 (the kernel phase: 5e-7).
-  tolerance = {'kernel': 1e-5, 'agop': 5e-5}
+  tolerance = {'kernel': 1e-5, 'agop': 5e-5, 'pixels': 1e-5}
   for r in res['rows']:
     # Where the library can build here, the worker must have used it.
     assert r['native']['native'] == native.available()

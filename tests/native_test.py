@@ -393,17 +393,112 @@ def test_native_kernel_matrix_does_not_apply_to_float64_or_when_switched_off(mon
   assert fused.native_kernel_matrix(x, *args) is None
 
 
-def test_large_patch_dimensions_keep_the_xla_path():
-  # The custom calls form every image's patches: past native.MAX_PATCH_DIM the tiler's
-  # per-entry memory probe would cut matrices into needlessly many tiles (see native.py).
+def _uses_pixel_call(x1, x2, depth=2, q=3, padding='VALID', kind='ntk'):
+  fn = fused.fused_conv_kernel.__wrapped__
+  text = jax.jit(lambda a, b: fn(a, b, None, depth, q, checks.Padding(padding),
+                                 fused.Kind(kind))).lower(x1, x2).as_text()
+  return native.PIXELS_TARGET in text
+
+
+def test_large_patch_dimensions_with_a_metric_keep_the_xla_path():
+  # The patch-based custom calls form every image's patches: past native.MAX_PATCH_DIM the
+  # tiler's per-entry memory probe would cut matrices into needlessly many tiles (see
+  # native.py). The identity metric goes to the pixel call instead, whose operands are the
+  # images themselves.
   rng = np.random.default_rng(17)
   c = native.MAX_PATCH_DIM // 9 + 1                     # q = 3: d = 9 c > MAX_PATCH_DIM
   x = _images(rng, 3, 6, 6, c)
+  metric = _psd(rng, 9 * c)
+  assert not _uses_custom_call(x, x, metric)
   assert not _uses_custom_call(x, x, None)
-  assert _uses_custom_call(x[..., :native.MAX_PATCH_DIM // 9], x[..., :native.MAX_PATCH_DIM // 9],
-                           None)
-  assert fused.native_kernel_matrix(jnp.asarray(x), None, None, 2, 3, checks.Padding.SAME,
-                                    fused.Kind.NTK) is None
+  assert _uses_pixel_call(x, x)
+  small = x[..., :native.MAX_PATCH_DIM // 9]
+  assert _uses_custom_call(small, small, None) and not _uses_pixel_call(small, small)
+  assert fused.native_kernel_matrix(jnp.asarray(x), None, jnp.asarray(metric), 2, 3,
+                                    checks.Padding.SAME, fused.Kind.NTK) is None
   with pytest.raises(ValueError, match='patch dimension'):
     _agop(x, np.ones((3, 2), np.float32), 3, 2, 'SAME', 'ntk', None, True,
           z_indices=np.arange(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# The identity-metric kernel from pixels (`native.from_pixels`: deep layers, d > 64).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME', 'CIRCULAR'])
+@pytest.mark.parametrize('kind', ['ntk', 'nngp'])
+@pytest.mark.parametrize('q,depth,channels', [(3, 2, 8), (2, 3, 17), (3, 1, 9), (4, 2, 5)])
+def test_pixel_kernel_equals_float64_reference(padding, kind, q, depth, channels):
+  rng = np.random.default_rng(1000 + q * 100 + depth * 10 + channels)
+  # n2 = 21: one full block of 16 column images and a padded one; 9 x 8 images.
+  x1, x2 = _images(rng, 5, 9, 8, channels), _images(rng, 21, 9, 8, channels)
+  assert q * q * channels > native.MAX_PATCH_DIM
+  assert _uses_pixel_call(x1, x2, depth, q, padding, kind)
+  got = _raw(x1, x2, None, depth, q, padding, kind)
+  assert got.dtype == jnp.float32 and got.shape == (5, 21)
+  want = _float64_reference(x1, x2, None, depth, q, padding, kind)
+  tolerances.assert_rel_fro(got, want, _F32_TOL, f'{padding} {kind} q{q} d{depth} c{channels}')
+
+
+def test_pixel_kernel_handles_zero_pixels_like_the_reference():
+  rng = np.random.default_rng(18)
+  x1, x2 = _images(rng, 4, 10, 10, 8), _images(rng, 18, 10, 10, 8)
+  x1[0] = 0.0                     # a whole zero image
+  x1[1, :6] = 0.0                 # a zero band: zero patches in layer 1 only partly
+  x2[3, :, :7] = 0.0
+  for kind in ('ntk', 'nngp'):
+    got = _raw(x1, x2, None, 3, 3, 'VALID', kind)
+    want = _float64_reference(x1, x2, None, 3, 3, 'VALID', kind)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
+    tolerances.assert_rel_fro(got, want, _F32_TOL, f'zero pixels {kind}')
+
+
+def test_pixel_kernel_is_independent_of_tiles_and_threads(monkeypatch):
+  # Each per-pixel Gram sums its channels in the same order in every micro-kernel (one or two
+  # column blocks, any number of rows), and each pair block runs the same recursion.
+  rng = np.random.default_rng(19)
+  x1, x2 = jnp.asarray(_images(rng, 19, 8, 7, 10)), jnp.asarray(_images(rng, 70, 8, 7, 10))
+  outs = []
+  for threads, row_tile, group in (('1', 1, 1), ('2', 3, 2), ('3', 16, 3), ('8', 40, 5)):
+    monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', threads)
+    outs.append(np.asarray(jax.jit(lambda a, b, rt=row_tile, g=group: native.kernel(
+        a, b, None, 2, 3, checks.Padding.SAME, True, row_tile=rt, group=g))(x1, x2)))
+  for out in outs[1:]:
+    np.testing.assert_array_equal(out, outs[0])
+  with pytest.raises(ValueError, match='row_tile and group'):
+    native.kernel(x1, x2, None, 2, 3, checks.Padding.SAME, True, row_tile=0)
+
+
+@pytest.mark.parametrize('padding,kind,n', [('VALID', 'ntk', 37), ('SAME', 'nngp', 20)])
+def test_pixel_kernel_matrix_equals_float64_reference(padding, kind, n):
+  # Whole matrices as ConvRFM builds them for a Deep ConvRFM layer on many feature maps:
+  # symmetric (upper triangle, mirrored) and rectangular.
+  rng = np.random.default_rng(sum(map(ord, padding + kind)) + n)
+  x, y = _images(rng, n, 9, 8, 12), _images(rng, 23, 9, 8, 12)
+  pad, knd = checks.Padding(padding), fused.Kind(kind)
+  sym = fused.native_kernel_matrix(jnp.asarray(x), None, None, 2, 3, pad, knd)
+  want = _float64_reference(x, x, None, 2, 3, padding, kind)
+  assert sym.shape == (n, n) and sym.dtype == np.float32
+  np.testing.assert_array_equal(sym, sym.T)
+  tolerances.assert_rel_fro(sym, want, _F32_TOL, 'symmetric')
+  tolerances.assert_rel_fro(np.diag(sym), np.diag(want), _F32_TOL, 'diagonal')
+  rect = fused.native_kernel_matrix(jnp.asarray(x), jnp.asarray(y), None, 2, 3, pad, knd)
+  tolerances.assert_rel_fro(rect, _float64_reference(x, y, None, 2, 3, padding, kind),
+                            _F32_TOL, 'rectangular')
+
+
+def test_pixel_kernel_derivatives_go_through_the_xla_path():
+  # Derivatives (custom JVP) are the XLA path's; checked against central differences in
+  # float64 of the same kernel.
+  rng = np.random.default_rng(20)
+  x1, x2 = _images(rng, 2, 7, 7, 8), _images(rng, 3, 7, 7, 8)
+  direction = rng.normal(size=x1.shape).astype(np.float32)
+  f32 = lambda a: _raw(a, x2, None, 2, 3, 'SAME', 'ntk').sum()
+  _, jvp = jax.jvp(f32, (jnp.asarray(x1),), (jnp.asarray(direction),))
+  f64 = lambda a: _float64_reference(a, x2, None, 2, 3, 'SAME', 'ntk').sum()
+  eps = 1e-4
+  fd = (f64(x1.astype(np.float64) + eps * direction) -
+        f64(x1.astype(np.float64) - eps * direction)) / (2 * eps)
+  np.testing.assert_allclose(float(jvp), float(fd), rtol=1e-5)

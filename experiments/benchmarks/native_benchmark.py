@@ -1,4 +1,4 @@
-r"""Native CPU kernels vs the XLA fused path, on the ConvRFM noisy-MNIST workload, in one run.
+r"""Native CPU kernels vs the XLA fused path, on ConvRFM and Deep ConvRFM workloads, in one run.
 
 Two phases of a ConvRFM round at the README's scale (42x42x1 images, q = 3, depth 3, NTK,
 VALID, a random PSD patch metric, float32, uniform pixels):
@@ -7,7 +7,13 @@ VALID, a random PSD patch metric, float32, uniform pixels):
   tiles call it);
 * `agop`: the predictor AGOP over `--agop_n` training images as samples (10 classes), as
   ConvRFM's AGOP step calls it: the fused native custom call (every ordered pair) against the
-  XLA symmetric path (each unordered pair once, the default aligned blocks).
+  XLA symmetric path (each unordered pair once, the default aligned blocks);
+
+and one of a Deep ConvRFM final layer (the CIFAR-10 run in the README: 128 ReLU feature maps
+of 30x30, q = 3 so d = 1152, depth 2, NTK, VALID, the identity metric, float32):
+
+* `pixels`: the `(n, n)` kernel matrix, which the native path computes from pixels
+  (`native.from_pixels`) and the XLA path from per-pixel Grams and window sums.
 
 Each (phase, path) runs in a fresh subprocess with `JCONVRFM_NATIVE=1` (native custom calls) or
 `0` (the XLA path), compiles once, then times `--repeats` calls; the table gives the medians,
@@ -30,8 +36,9 @@ from experiments import benchmarks
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('kernel_n', 1000, 'Images per side of the timed kernel matrix.')
 flags.DEFINE_integer('agop_n', 800, 'Training images (= samples) of the timed AGOP.')
+flags.DEFINE_integer('pixels_n', 400, 'Images per side of the timed feature-map kernel matrix.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls after compilation (median reported).')
-flags.DEFINE_list('phases', ['kernel', 'agop'], 'Phases to time.')
+flags.DEFINE_list('phases', ['kernel', 'agop', 'pixels'], 'Phases to time.')
 flags.DEFINE_string('workdir', None, 'If set, write results.json there (every row).')
 flags.DEFINE_string('worker', '', 'Internal: run one (phase, path) and print JSON.')
 
@@ -51,7 +58,11 @@ def _worker(spec):
   x = jnp.asarray(rng.uniform(size=(n, 42, 42, 1)), jnp.float32)
   a = rng.normal(size=(9, 9))
   metric = jnp.asarray(a @ a.T / 9, jnp.float32)
-  if spec['phase'] == 'kernel':
+  if spec['phase'] == 'pixels':
+    maps = jnp.asarray(np.maximum(rng.normal(size=(n, 30, 30, 128)), 0.0), jnp.float32)
+    call = lambda: fused.fused_conv_kernel(maps, maps, None, 2, 3, checks.Padding.VALID,
+                                           fused.Kind.NTK)
+  elif spec['phase'] == 'kernel':
     y = jnp.asarray(rng.uniform(size=(n, 42, 42, 1)), jnp.float32)
     call = lambda: fused.fused_conv_kernel(x, y, metric, 3, 3, checks.Padding.VALID,
                                            fused.Kind.NTK)
@@ -92,7 +103,7 @@ def main(argv):
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for phase in FLAGS.phases:
-      n = FLAGS.kernel_n if phase == 'kernel' else FLAGS.agop_n
+      n = {'kernel': FLAGS.kernel_n, 'agop': FLAGS.agop_n, 'pixels': FLAGS.pixels_n}[phase]
       res = {}
       for path, on in (('native', True), ('xla', False)):
         spec = dict(phase=phase, n=n, repeats=FLAGS.repeats,
@@ -103,8 +114,10 @@ def main(argv):
               np.linalg.norm(res['xla']['result']))
       rows.append((phase, n, res, diff))
   device = rows[0][2]['native']['device']
-  print(f'\nNative CPU kernels vs XLA fused path, 42x42x1, q=3, depth 3, NTK, with a metric, '
-        f'float32, median of {FLAGS.repeats} after compilation; device: {device}')
+  print(f'\nNative CPU kernels vs XLA fused path, float32, NTK, VALID, q=3, median of '
+        f'{FLAGS.repeats} after compilation; device: {device}\n'
+        f'kernel, agop: 42x42x1, depth 3, a metric; pixels: 30x30x128 ReLU maps, depth 2, '
+        f'identity metric')
   header = (f'{"phase":<8}{"n":>6}{"native s":>10}{"xla s":>9}{"xla/native":>12}'
             f'{"compile s (nat/xla)":>21}{"max RSS MB (nat/xla)":>22}{"rel. diff":>11}')
   print(header)

@@ -684,12 +684,13 @@ def _native_applies(x1, x2, metric, q, padding) -> bool:
   """Whether a float32 call on a CPU takes the native custom call (`native.py`).
 
   Only where the CPU is the default backend (so that GPU and TPU hosts never build it), for
-  float32, and for patch dimensions up to `native.MAX_PATCH_DIM` (see there).
+  float32, and for patch dimensions up to `native.MAX_PATCH_DIM` (see there); above it only
+  for the identity metric (`metric=None`), which the native call computes from pixels.
   """
   if jax.default_backend() != 'cpu' or not native.supports(x1.dtype):
     return False
   d = q * q * x1.shape[-1]
-  if d > native.MAX_PATCH_DIM:
+  if d > native.MAX_PATCH_DIM and metric is not None:
     return False
   return native.available()
 
@@ -711,9 +712,15 @@ def _native_conv_kernel_jvp(depth, q, padding, kind, primals, tangents):
 _NATIVE_MATRIX_CHUNKS = 4
 
 
+@functools.partial(jax.jit, static_argnames=('q', 'padding'))
+def _native_columns(x2, metric, q, padding):
+  return native.columns(x2, metric, q, padding)
+
+
 @functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'kind'))
-def _native_rows(x1, x2, metric, first_row, depth, q, padding, kind):
-  return native.kernel(x1, x2, metric, depth, q, padding, kind == Kind.NTK, first_row)
+def _native_rows(x1, cols, metric, first_row, depth, q, padding, kind):
+  return native.kernel_from_columns(x1, cols, metric, depth, q, padding, kind == Kind.NTK,
+                                    first_row)
 
 
 def _mirror_upper(k) -> np.ndarray:
@@ -730,38 +737,39 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None)
   """Whole kernel matrix through the native custom call, or None where it does not apply.
 
   For callers that would otherwise cut the matrix into tiles (`tiling.kernel_matrix`): the
-  native call needs no tiles (its memory is the patches and the output), so it runs in
+  native call needs no tiles (its memory is its operands and the output), so it runs in
   `_NATIVE_MATRIX_CHUNKS` row chunks, calling `progress(done, total)` after each. With
   `x2=None` the matrix is symmetric: each chunk computes only the 16-column blocks that reach
   its rows' diagonal, and the upper triangle is mirrored (about half the work). Returns a
   float32 host array, or None unless `_native_applies` (float32, CPU
   default backend, library available).
 
-  Each chunk prepares its column images again (patches, `M p`, self factors), so fewer chunks
-  run faster: on a 2-core Xeon (1000 images 42x42, q = 3, depth 3, a metric; 2026-11-29) the
-  symmetric 1000 x 1000 matrix took 2.2 / 1.95 / 1.8 s in 8 / 4 / 2 chunks against 2.9-3.0 s
-  in ConvRFM's default 63-wide tiles, and 1000 x 1000 4.1 / 3.5 / 3.35 s against 4.35 s in
-  200 x 200 tiles. A symmetric matrix also compiles once per chunk (its column counts differ).
-  The symmetric matrix's diagonal pairs take the correlation 1 exactly: within 3e-7 of float64
-  where the tiled native and XLA float32 paths are 1e-4 off on the diagonal.
+  The column images' operands (`native.columns`: patches times the metric and self Grams, or
+  for the identity metric past `native.MAX_PATCH_DIM` the images themselves) are prepared once
+  and shared by the chunks, which therefore also share one compiled program; in a symmetric
+  matrix the call skips (zero-fills) the column blocks wholly left of a chunk row's diagonal.
+  On a 2-core Xeon (1000 images 42x42, q = 3, depth 3, a metric; 2026-11-29, when each chunk
+  still prepared its own columns) the symmetric 1000 x 1000 matrix took 1.95 s in 4 chunks
+  against 2.9-3.0 s in ConvRFM's default 63-wide tiles, and 1000 x 1000 3.5 s against 4.35 s
+  in 200 x 200 tiles. The symmetric matrix's diagonal pairs take the correlation 1 exactly:
+  within 3e-7 of float64 where the tiled native and XLA float32 paths are 1e-4 off on the
+  diagonal.
   """
   x2_ = x1 if x2 is None else x2
   if not _native_applies(x1, x2_, metric, q, padding):
     return None
-  n1 = x1.shape[0]
+  n1, n2 = x1.shape[0], x2_.shape[0]
   chunk = -(-n1 // _NATIVE_MATRIX_CHUNKS)
   total = -(-n1 // chunk)
   x1p = _pad_batch(x1, chunk)
-  k = np.zeros((total * chunk, x2_.shape[0]), np.float32)
+  cols = _native_columns(x2_, metric, q=q, padding=padding)
+  k = np.zeros((total * chunk, n2), np.float32)
   for c in range(total):
     r0 = c * chunk
-    # Symmetric: the columns from the 16-block holding the chunk's first row on (those left
-    # of it lie below every row's diagonal).
-    c0 = r0 // native.LANES * native.LANES if x2 is None else 0
-    first = jnp.asarray(r0 - c0 if x2 is None else -1, jnp.int32)
-    k[r0:r0 + chunk, c0:] = np.asarray(_native_rows(x1p[r0:r0 + chunk], x2_[c0:], metric, first,
-                                                    depth=depth, q=q, padding=padding,
-                                                    kind=kind))
+    first = jnp.asarray(r0 if x2 is None else -1, jnp.int32)
+    rows = _native_rows(x1p[r0:r0 + chunk], cols, metric, first, depth=depth, q=q,
+                        padding=padding, kind=kind)
+    k[r0:r0 + chunk] = np.asarray(rows)[:, :n2]
     if progress is not None:
       progress(c + 1, total)
   k = k[:n1]

@@ -59,14 +59,22 @@ GRADS_TARGET = 'jconvrfm_fused_cntk_grads_f32'
 GRADS_SYMBOL = 'JconvrfmFusedCntkGradsF32'
 AGOP_TARGET = 'jconvrfm_fused_cntk_agop_f32'
 AGOP_SYMBOL = 'JconvrfmFusedCntkAgopF32'
+PIXELS_TARGET = 'jconvrfm_fused_cntk_pixels_f32'
+PIXELS_SYMBOL = 'JconvrfmFusedCntkPixelsF32'
 LANES = 16  # column images per vector block (kLanes in the source)
-# Largest patch dimension d = q^2 C sent to the custom calls. They form every image's patches
-# (n x positions x d numbers per operand), so their memory grows with d, not with the number
-# of kernel entries: the tiler's per-entry memory probe then sees 451 KB per entry at d = 1152
-# (32 x 32 probe, 30 x 30 x 128 maps; the XLA path 31 KB) and cuts a Deep ConvRFM final layer
-# into 1891 tiles of 13+ minutes, where the XLA path took minutes. Up to this bound (the XLA
-# path's own bound for precomputing patches) the measured cases run 2-5x the XLA path.
+# Largest patch dimension d = q^2 C sent to the patch-based custom calls. They form every
+# image's patches (n x positions x d numbers per operand), so their memory grows with d, not
+# with the number of kernel entries: the tiler's per-entry memory probe then sees 451 KB per
+# entry at d = 1152 (32 x 32 probe, 30 x 30 x 128 maps; the XLA path 31 KB) and cuts a Deep
+# ConvRFM final layer into 1891 tiles of 13+ minutes, where the XLA path took minutes. Up to
+# this bound (the XLA path's own bound for precomputing patches) the measured cases run 2-5x
+# the XLA path. Above it, kernels with the identity metric take the pixel call
+# (`from_pixels`), whose operands are the images themselves.
 MAX_PATCH_DIM = 64
+# Row images and 16-column blocks per tile of the pixel call's per-pixel Grams (performance
+# only; see WORKSPACE.md, "Native kernel from pixels").
+PIXEL_ROW_TILE = 16
+PIXEL_GROUP = 2
 _PADDING_CODES = {checks.Padding.VALID: 0, checks.Padding.SAME: 1,
                   checks.Padding.CIRCULAR: 2}
 
@@ -195,7 +203,7 @@ def available() -> bool:
         path = _build()
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in ((TARGET, SYMBOL), (GRADS_TARGET, GRADS_SYMBOL),
-                               (AGOP_TARGET, AGOP_SYMBOL)):
+                               (AGOP_TARGET, AGOP_SYMBOL), (PIXELS_TARGET, PIXELS_SYMBOL)):
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform='cpu')
         _state.update(ok=True, reason=None, path=str(path))
@@ -226,44 +234,101 @@ def supports(dtype) -> bool:
   return jnp.dtype(dtype) == jnp.float32
 
 
-def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,
-           padding: checks.Padding, ntk: bool,
-           first_row: Optional[jax.Array] = None) -> jax.Array:
-  """Unchecked float32 kernel matrix `(n1, n2)` through the custom call (CPU only).
+def from_pixels(metric: Optional[jax.Array], q: int, channels: int) -> bool:
+  """Whether `kernel` computes from pixels: the identity metric past `MAX_PATCH_DIM`."""
+  return metric is None and q * q * channels > MAX_PATCH_DIM
 
-  Patches, `M p` and the self Grams are formed here in JAX (as the XLA path's per-call
-  precomputation does); the custom call runs the recursion. Requires `available()`.
-  `first_row` (an int32 scalar, may be traced): rows `x1` are images `first_row + a` of `x2`
-  (a symmetric matrix); then only 16-column blocks that reach a row's diagonal are computed,
-  the others are zeros (about half the work; mirror the upper triangle).
+
+def _lane_blocks(a: jax.Array) -> jax.Array:
+  """`(n, k, ...)` -> `(blocks, k, ..., 16)`: images in blocks of 16 lanes, zero-padded.
+
+  Padded images are zero images: zero variances, finite (zero) kernel columns.
+  """
+  n = a.shape[0]
+  blocks = -(-n // LANES)
+  if blocks * LANES != n:
+    a = jnp.pad(a, [(0, blocks * LANES - n)] + [(0, 0)] * (a.ndim - 1))
+  a = a.reshape((blocks, LANES) + a.shape[1:])
+  return jnp.moveaxis(a, 1, -1)
+
+
+def _pixel_self_grams(x: jax.Array, q: int, padding: checks.Padding) -> jax.Array:
+  """`(n, H', W')`: layer 1's self Grams for `M = I`, window sums of pixel squared norms."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return patches_lib._patches(sq, q, 1, padding).sum(axis=-1)  # pylint: disable=protected-access
+
+
+def columns(x2: jax.Array, metric: Optional[jax.Array], q: int, padding: checks.Padding):
+  """The column images' operands of `kernel_from_columns`, in blocks of 16 lanes.
+
+  `(M p, sq)` `(blocks, P, d, 16)`, `(blocks, P, 16)`, or with `from_pixels` the images
+  themselves and their self Grams, `(blocks, H W, C, 16)`, `(blocks, P, 16)`. Computed once
+  per kernel matrix (`fused.native_kernel_matrix`) and shared by its row chunks.
+  """
+  n2, h, w, c = x2.shape
+  if from_pixels(metric, q, c):
+    return (_lane_blocks(x2.reshape(n2, h * w, c)),
+            _lane_blocks(_pixel_self_grams(x2, q, padding).reshape(n2, -1)))
+  p2 = patches_lib._patches(x2, q, 1, padding)  # pylint: disable=protected-access
+  mp2 = p2 if metric is None else p2 @ metric
+  sq2 = jnp.sum(p2 * mp2, axis=-1)
+  return (_lane_blocks(mp2.reshape(n2, -1, mp2.shape[-1])),
+          _lane_blocks(sq2.reshape(n2, -1)))
+
+
+def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth: int, q: int,
+                        padding: checks.Padding, ntk: bool,
+                        first_row: Optional[jax.Array] = None,
+                        row_tile: int = PIXEL_ROW_TILE, group: int = PIXEL_GROUP) -> jax.Array:
+  """Unchecked float32 kernel matrix `(n1, 16 blocks)` of rows `x1` against `columns(...)`.
+
+  The row images' patches and self Grams are formed here in JAX; the custom call runs the
+  recursion. With `from_pixels` (the identity metric past `MAX_PATCH_DIM`) layer 1's
+  covariance at a position is the q x q window sum of per-pixel channel inner products (as the
+  XLA path's `_grams_identity`), so the call reads the images themselves, not q^2-fold patch
+  arrays; it computes the per-pixel Grams of `row_tile` row images against `group` column
+  blocks at a time (performance only), then each pair block's window sum and recursion.
+  `first_row` (an int32 scalar, may be traced): rows `x1` are images `first_row + a` of the
+  columns (a symmetric matrix); then only 16-column blocks that reach a row's diagonal are
+  computed, the others are zeros (about half the work; mirror the upper triangle). Requires
+  `available()`; columns past the real images are zero (slice them off).
   """
   _require()
-  n1, n2 = x1.shape[0], x2.shape[0]
-  p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
-  p2 = patches_lib._patches(x2, q, 1, padding)  # pylint: disable=protected-access
-  _, h, w, d = p1.shape
-  if metric is None:
-    mp1, mp2 = p1, p2
-  else:
-    mp1, mp2 = p1 @ metric, p2 @ metric
-  sq1 = jnp.sum(p1 * mp1, axis=-1).reshape(n1, h * w)
-  sq2 = jnp.sum(p2 * mp2, axis=-1)
-  blocks = -(-n2 // LANES)
-  extra = blocks * LANES - n2
-  if extra:  # zero images: zero variances, finite (zero) kernel columns, dropped below.
-    mp2 = jnp.pad(mp2, ((0, extra), (0, 0), (0, 0), (0, 0)))
-    sq2 = jnp.pad(sq2, ((0, extra), (0, 0), (0, 0)))
-  mp2 = mp2.reshape(blocks, LANES, h * w, d).transpose(0, 2, 3, 1)   # (blocks, P, d, lanes)
-  sq2 = sq2.reshape(blocks, LANES, h * w).transpose(0, 2, 1)         # (blocks, P, lanes)
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n1, blocks * LANES), jnp.float32),
-                          vmap_method='sequential')
+  if row_tile < 1 or group < 1:
+    raise ValueError(f'kernel_from_columns: row_tile and group must be positive, got '
+                     f'{row_tile} and {group}.')
+  cols, sq2 = cols
+  n1, h0, w0, c = x1.shape
   first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
-  out = call(p1.reshape(n1, h * w, d), sq1, mp2, sq2, first,
-             height=np.int64(h), width=np.int64(w), q=np.int64(q), depth=np.int64(depth),
-             padding=np.int64(_PADDING_CODES[padding]),
-             inv_channels=np.float32(1.0 / x1.shape[-1]), ntk=bool(ntk),
-             threads=np.int64(threads()))
-  return out[:, :n2]
+  attrs = dict(q=np.int64(q), depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
+               inv_channels=np.float32(1.0 / c), ntk=bool(ntk), threads=np.int64(threads()))
+  out = jax.ShapeDtypeStruct((n1, cols.shape[0] * LANES), jnp.float32)
+  if from_pixels(metric, q, c):
+    call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
+    sq1 = _pixel_self_grams(x1, q, padding).reshape(n1, -1)
+    return call(x1.reshape(n1, h0 * w0, c), sq1, cols, sq2, first, height=np.int64(h0),
+                width=np.int64(w0), row_tile=np.int64(row_tile), group=np.int64(group),
+                **attrs)
+  p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
+  _, h, w, d = p1.shape
+  mp1 = p1 if metric is None else p1 @ metric
+  sq1 = jnp.sum(p1 * mp1, axis=-1).reshape(n1, h * w)
+  call = jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')
+  return call(p1.reshape(n1, h * w, d), sq1, cols, sq2, first, height=np.int64(h),
+              width=np.int64(w), **attrs)
+
+
+def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,
+           padding: checks.Padding, ntk: bool,
+           first_row: Optional[jax.Array] = None, **tiles) -> jax.Array:
+  """Unchecked float32 kernel matrix `(n1, n2)` through the custom call (CPU only).
+
+  `columns(x2, ...)` then `kernel_from_columns` (see there; `tiles`: its `row_tile` and
+  `group`). Requires `available()`.
+  """
+  out = kernel_from_columns(x1, columns(x2, metric, q, padding), metric, depth, q, padding,
+                            ntk, first_row, **tiles)
+  return out[:, :x2.shape[0]]
 
 
 def kernel_and_gram_grads(g12: jax.Array, g1: jax.Array, g2: jax.Array, depth: int, q: int,

@@ -434,15 +434,16 @@ inline Vec LaneGram(const float* row, const float* col, int64_t d) {
 }
 
 // One row image `a` against one column block `b`: the whole recursion for kLanes pairs.
-// Layer 1's covariances are formed position by position inside its ReLU pass, and the last
-// layer's ReLU outputs go straight into the spatial sum; only the layers in between go
+// Layer 1's covariances are formed position by position inside its ReLU pass (from the
+// patches; with `kGramIn`, read from `ws.k12`, where the caller has put them, scaled), and the
+// last layer's ReLU outputs go straight into the spatial sum; only the layers in between go
 // through the (cache-resident) position buffers and window sums.
-template <bool kNtk>
+template <bool kNtk, bool kGramIn = false>
 void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
   const Geometry& g = pb.g;
   const int64_t d = pb.d;
-  const float* pa = pb.p1 + a * g.positions(0) * d;
-  const float* mb = pb.mp2 + b * g.positions(0) * d * kLanes;
+  const float* pa = kGramIn ? nullptr : pb.p1 + a * g.positions(0) * d;
+  const float* mb = kGramIn ? nullptr : pb.mp2 + b * g.positions(0) * d * kLanes;
   const float* s1 = pb.s1 + a * pb.self_size;
   const float* i1 = pb.i1 + a * pb.self_size;
   const float* s2 = pb.s2 + b * pb.self_size * kLanes;
@@ -464,11 +465,15 @@ void Pair(const Problem& pb, int64_t a, int64_t b, Workspace& ws) {
       float first[kLanes];
       const float* kk = k12 + off;
       const float* th = theta + off;
-      if (l == 0) {
-        const Vec gram = LaneGram(pa + static_cast<size_t>(p) * d,
-                                  mb + static_cast<size_t>(p) * d * kLanes, d);
-        Store(first, gram * pb.inv_channels);
-        kk = th = first;
+      if constexpr (!kGramIn) {
+        if (l == 0) {
+          const Vec gram = LaneGram(pa + static_cast<size_t>(p) * d,
+                                    mb + static_cast<size_t>(p) * d * kLanes, d);
+          Store(first, gram * pb.inv_channels);
+          kk = th = first;
+        }
+      } else {
+        if (l == 0) th = kk;  // layer 1: Theta = K
       }
       const Relu out = ReluPosition<kNtk>(kk, th, s1[p], i1[p], s2 + off, i2 + off, same);
       if (last) {
@@ -550,6 +555,218 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
           Pair<false>(pb, a, b, ws);
         }
       }
+  });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
+// The identity-metric kernel from pixels (deep layers with many channels).
+// ------------------------------------------------------------------------------------------
+//
+// With M = I, layer 1's covariance at a position is the q x q window sum of per-pixel channel
+// inner products (`fused._grams_identity`): q^2 fewer multiply-adds than patch Grams, and the
+// operands are the images themselves, not q^2-fold patch arrays. The per-pixel Grams are a
+// batched matrix product (one per pixel, channels contracted); they are computed for a tile of
+// `row_tile` row images against `group` column blocks, pixel by pixel, so that each pixel's
+// column data (C x kLanes floats per block) is read from memory once per row tile and each row
+// image's once per group, then each pair block's window sum and recursion run as in `Pair`.
+
+struct PixelProblem {
+  Problem pb;              // the recursion (pb.p1, pb.mp2, pb.d unused)
+  Gather1D sum_h, sum_w;   // window sums from the pixel grid to layer 1's positions
+  int64_t pixels = 0, w_in = 0, channels = 0;
+  const float* x1 = nullptr;  // (n1, pixels, C) row images
+  const float* x2 = nullptr;  // (blocks, pixels, C, kLanes) column images
+  int64_t row_tile = 0, group = 0;
+};
+
+// out[r] = sum_e rows[r][e] * col[e] (lanes), for R row pixels against one column block pixel.
+template <int R>
+inline void PixelGrams(const float* const* rows, const float* col, int64_t c, float scale,
+                       float* out, size_t stride) {
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Zero();
+  for (int64_t e = 0; e < c; ++e) {
+    const Vec cv = Load(col + e * kLanes);
+    for (int r = 0; r < R; ++r) acc[r] += rows[r][e] * cv;
+  }
+  for (int r = 0; r < R; ++r) Store(out + r * stride, acc[r] * scale);
+}
+
+// The same for two column blocks at once (2 R accumulators): each row value broadcast feeds
+// two multiply-adds, so loads no longer bound the loop.
+template <int R>
+inline void PixelGrams2(const float* const* rows, const float* col0, const float* col1,
+                        int64_t c, float scale, float* out, size_t stride, size_t next) {
+  Vec acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Zero();
+  for (int64_t e = 0; e < c; ++e) {
+    const Vec c0 = Load(col0 + e * kLanes), c1 = Load(col1 + e * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float v = rows[r][e];
+      acc0[r] += v * c0;
+      acc1[r] += v * c1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Store(out + r * stride, acc0[r] * scale);
+    Store(out + r * stride + next, acc1[r] * scale);
+  }
+}
+
+// Register tile of PixelGrams (rows per micro-kernel call).
+constexpr int kPixelRows = 8;
+
+template <bool kNtk>
+void PixelTile(const PixelProblem& pp, int64_t a0, int64_t na, int64_t b0, int64_t nb,
+               std::vector<float>& grams, std::vector<float>& tmp, Workspace& ws) {
+  const Problem& pb = pp.pb;
+  const int64_t c = pp.channels, pixels = pp.pixels;
+  const auto needed = [&pb](int64_t a, int64_t b) {
+    return pb.first_row < 0 || pb.first_row + a < (b + 1) * kLanes;
+  };
+  bool any = false;
+  for (int64_t b = b0; b < b0 + nb && !any; ++b) any = needed(a0, b);  // row a0 is the lowest
+  // grams: (na, nb, pixels, kLanes).
+  const size_t pair_size = static_cast<size_t>(pixels) * kLanes;
+  const size_t stride = static_cast<size_t>(nb) * pair_size;  // from row r to r + 1
+  if (any) {
+    const float* rows[kPixelRows];
+    for (int64_t px = 0; px < pixels; ++px) {
+      int64_t gb = 0;
+      for (; gb + 1 < nb; gb += 2) {
+        const float* col0 = pp.x2 + ((b0 + gb) * pixels + px) * c * kLanes;
+        const float* col1 = col0 + pixels * c * kLanes;
+        for (int64_t r0 = 0; r0 < na; r0 += kPixelRows) {
+          const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
+          for (int64_t r = 0; r < nr; ++r) rows[r] = pp.x1 + ((a0 + r0 + r) * pixels + px) * c;
+          float* out = grams.data() + r0 * stride + gb * pair_size + px * kLanes;
+          const float sc = pb.inv_channels;
+          switch (nr) {
+            case 8: PixelGrams2<8>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 7: PixelGrams2<7>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 6: PixelGrams2<6>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 5: PixelGrams2<5>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 4: PixelGrams2<4>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 3: PixelGrams2<3>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            case 2: PixelGrams2<2>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+            default: PixelGrams2<1>(rows, col0, col1, c, sc, out, stride, pair_size); break;
+          }
+        }
+      }
+      for (; gb < nb; ++gb) {
+        const float* col = pp.x2 + ((b0 + gb) * pixels + px) * c * kLanes;
+        for (int64_t r0 = 0; r0 < na; r0 += kPixelRows) {
+          const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
+          for (int64_t r = 0; r < nr; ++r) rows[r] = pp.x1 + ((a0 + r0 + r) * pixels + px) * c;
+          float* out = grams.data() + r0 * stride + gb * pair_size + px * kLanes;
+          switch (nr) {
+            case 8: PixelGrams<8>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 7: PixelGrams<7>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 6: PixelGrams<6>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 5: PixelGrams<5>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 4: PixelGrams<4>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 3: PixelGrams<3>(rows, col, c, pb.inv_channels, out, stride); break;
+            case 2: PixelGrams<2>(rows, col, c, pb.inv_channels, out, stride); break;
+            default: PixelGrams<1>(rows, col, c, pb.inv_channels, out, stride); break;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < na; ++r) {
+    for (int64_t gb = 0; gb < nb; ++gb) {
+      const int64_t a = a0 + r, b = b0 + gb;
+      if (!needed(a, b)) {  // wholly below the diagonal of a symmetric matrix: mirrored
+        std::fill_n(pb.out + a * pb.blocks * kLanes + b * kLanes, kLanes, 0.0f);
+        continue;
+      }
+      Gather2D<kLanes>(pp.sum_h, pp.sum_w, static_cast<int>(pp.w_in),
+                       grams.data() + r * stride + gb * pair_size, tmp.data(), ws.k12.data());
+      Pair<kNtk, true>(pb, a, b, ws);
+    }
+  }
+}
+
+ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> sq1,
+                               ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> sq2,
+                               ffi::Buffer<ffi::S32> first_row, ffi::ResultBuffer<ffi::F32> out,
+                               int64_t height, int64_t width, int64_t q, int64_t depth,
+                               int64_t padding, float inv_channels, bool ntk, int64_t threads,
+                               int64_t row_tile, int64_t group) {
+  const auto x1_dims = x1.dimensions();
+  const auto x2_dims = x2.dimensions();
+  if (x1_dims.size() != 3 || x2_dims.size() != 4 || x2_dims[3] != kLanes ||
+      x1_dims[1] != x2_dims[1] || x1_dims[2] != x2_dims[2] || x1_dims[1] != height * width) {
+    return ffi::Error::InvalidArgument(
+        "fused_cntk_pixels: x1 must be (n1, H W, C), x2 (blocks, H W, C, 16)");
+  }
+  if (depth < 1 || q < 1 || padding < 0 || padding > 2 || row_tile < 1 || group < 1) {
+    return ffi::Error::InvalidArgument("fused_cntk_pixels: bad depth, q, padding or tiles");
+  }
+  const Padding pad_mode = static_cast<Padding>(padding);
+  const int h_in = static_cast<int>(height), w_in = static_cast<int>(width);
+  const int h1 = pad_mode == kValid ? h_in - static_cast<int>(q) + 1 : h_in;
+  const int w1 = pad_mode == kValid ? w_in - static_cast<int>(q) + 1 : w_in;
+  if (h1 < 1 || w1 < 1) {
+    return ffi::Error::InvalidArgument("fused_cntk_pixels: the image is too small for this depth");
+  }
+  PixelProblem pp;
+  Problem& pb = pp.pb;
+  pb.g = MakeGeometry(h1, w1, static_cast<int>(q), static_cast<int>(depth), pad_mode);
+  for (int l = 0; l < pb.g.depth; ++l) {
+    if (pb.g.h[l] < 1 || pb.g.w[l] < 1) {
+      return ffi::Error::InvalidArgument("fused_cntk_pixels: the image is too small for this depth");
+    }
+  }
+  const int pad = pad_mode == kValid ? 0 : (static_cast<int>(q) - 1) / 2;
+  pp.sum_h = WindowGather(static_cast<int>(q), pad_mode, pad, h_in, h1, false);
+  pp.sum_w = WindowGather(static_cast<int>(q), pad_mode, pad, w_in, w1, false);
+  const int p0 = pb.g.positions(0);
+  const auto count = [](const auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
+  if (count(sq1) != x1_dims[0] * p0 || count(sq2) != x2_dims[0] * p0 * kLanes) {
+    return ffi::Error::InvalidArgument("fused_cntk_pixels: sq1 must be (n1, P), sq2 (blocks, P, 16)");
+  }
+  if (first_row.element_count() != 1) {
+    return ffi::Error::InvalidArgument("fused_cntk_pixels: first_row must be a scalar");
+  }
+  pb.n1 = x1_dims[0];
+  pb.blocks = x2_dims[0];
+  pb.d = 0;
+  pb.inv_channels = inv_channels;
+  pb.ntk = ntk;
+  pb.p1 = nullptr;
+  pb.mp2 = nullptr;
+  pb.out = out->typed_data();
+  pb.first_row = first_row.typed_data()[0];
+  pp.pixels = x1_dims[1];
+  pp.w_in = w_in;
+  pp.channels = x1_dims[2];
+  pp.x1 = x1.typed_data();
+  pp.x2 = x2.typed_data();
+  pp.row_tile = row_tile;
+  pp.group = std::min<int64_t>(group, std::max<int64_t>(pb.blocks, 1));
+  const SelfTables self =
+      LaneLayoutSelfTables(pb.g, pb.n1, pb.blocks, inv_channels, sq1.typed_data(),
+                           sq2.typed_data());
+  self.AttachTo(pb);
+
+  // Column-block groups spread over threads; row tiles inner.
+  const int64_t groups = (pb.blocks + pp.group - 1) / pp.group;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, groups));
+  RunWorkers(workers, [&pp, workers, groups, h1](int64_t w) {
+    const Problem& pb = pp.pb;
+    Workspace ws(pb.g);
+    std::vector<float> grams(static_cast<size_t>(pp.row_tile) * pp.group * pp.pixels * kLanes);
+    std::vector<float> tmp(static_cast<size_t>(h1) * pp.w_in * kLanes);
+    for (int64_t gi = w; gi < groups; gi += workers) {
+      const int64_t b0 = gi * pp.group, nb = std::min(pp.group, pb.blocks - b0);
+      for (int64_t a0 = 0; a0 < pb.n1; a0 += pp.row_tile) {
+        const int64_t na = std::min(pp.row_tile, pb.n1 - a0);
+        if (pb.ntk) PixelTile<true>(pp, a0, na, b0, nb, grams, tmp, ws);
+        else PixelTile<false>(pp, a0, na, b0, nb, grams, tmp, ws);
+      }
+    }
   });
   return ffi::Error::Success();
 }
@@ -1124,6 +1341,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkF32, FusedCntkImpl,
                                   .Attr<float>("inv_channels")
                                   .Attr<bool>("ntk")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkPixelsF32, FusedCntkPixelsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x1 (n1, H W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sq1 (n1, P)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x2 (blocks, H W, C, 16)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sq2 (blocks, P, 16)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // first_row ()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<int64_t>("height")       // of the images
+                                  .Attr<int64_t>("width")
+                                  .Attr<int64_t>("q")
+                                  .Attr<int64_t>("depth")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<float>("inv_channels")
+                                  .Attr<bool>("ntk")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("row_tile")
+                                  .Attr<int64_t>("group"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkGradsF32, FusedCntkGradsImpl,
                               ffi::Ffi::Bind()
