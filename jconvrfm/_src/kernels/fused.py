@@ -712,11 +712,6 @@ def _native_conv_kernel_jvp(depth, q, padding, kind, primals, tangents):
 _NATIVE_MATRIX_CHUNKS = 4
 
 
-@functools.partial(jax.jit, static_argnames=('q', 'padding'))
-def _native_columns(x2, metric, q, padding):
-  return native.columns(x2, metric, q, padding)
-
-
 @functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'kind'))
 def _native_rows(x1, cols, metric, first_row, depth, q, padding, kind):
   return native.kernel_from_columns(x1, cols, metric, depth, q, padding, kind == Kind.NTK,
@@ -762,7 +757,7 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None)
   chunk = -(-n1 // _NATIVE_MATRIX_CHUNKS)
   total = -(-n1 // chunk)
   x1p = _pad_batch(x1, chunk)
-  cols = _native_columns(x2_, metric, q=q, padding=padding)
+  cols = native.columns(x2_, metric, q, padding)
   k = np.zeros((total * chunk, n2), np.float32)
   for c in range(total):
     r0 = c * chunk

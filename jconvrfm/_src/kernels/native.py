@@ -258,22 +258,32 @@ def _pixel_self_grams(x: jax.Array, q: int, padding: checks.Padding) -> jax.Arra
   return patches_lib._patches(sq, q, 1, padding).sum(axis=-1)  # pylint: disable=protected-access
 
 
-def columns(x2: jax.Array, metric: Optional[jax.Array], q: int, padding: checks.Padding):
-  """The column images' operands of `kernel_from_columns`, in blocks of 16 lanes.
+@functools.partial(jax.jit, static_argnames=('q', 'padding'))
+def _pixel_columns_sq(x2, q, padding):
+  return _lane_blocks(_pixel_self_grams(x2, q, padding).reshape(x2.shape[0], -1))
 
-  `(M p, sq)` `(blocks, P, d, 16)`, `(blocks, P, 16)`, or with `from_pixels` the images
-  themselves and their self Grams, `(blocks, H W, C, 16)`, `(blocks, P, 16)`. Computed once
-  per kernel matrix (`fused.native_kernel_matrix`) and shared by its row chunks.
-  """
-  n2, h, w, c = x2.shape
-  if from_pixels(metric, q, c):
-    return (_lane_blocks(x2.reshape(n2, h * w, c)),
-            _lane_blocks(_pixel_self_grams(x2, q, padding).reshape(n2, -1)))
+
+@functools.partial(jax.jit, static_argnames=('q', 'padding'))
+def _patch_columns(x2, metric, q, padding):
+  n2 = x2.shape[0]
   p2 = patches_lib._patches(x2, q, 1, padding)  # pylint: disable=protected-access
   mp2 = p2 if metric is None else p2 @ metric
   sq2 = jnp.sum(p2 * mp2, axis=-1)
   return (_lane_blocks(mp2.reshape(n2, -1, mp2.shape[-1])),
           _lane_blocks(sq2.reshape(n2, -1)))
+
+
+def columns(x2: jax.Array, metric: Optional[jax.Array], q: int, padding: checks.Padding):
+  """The column images' operands of `kernel_from_columns`, in blocks of 16 lanes.
+
+  `(M p, sq)` `(blocks, P, d, 16)`, `(blocks, P, 16)`, or with `from_pixels` the images
+  themselves, unchanged and uncopied (the call lays them out block by block), and their self
+  Grams `(blocks, P, 16)`. Computed once per kernel matrix (`fused.native_kernel_matrix`) and
+  shared by its row chunks.
+  """
+  if from_pixels(metric, q, x2.shape[-1]):
+    return x2, _pixel_columns_sq(x2, q, padding)
+  return _patch_columns(x2, metric, q, padding)
 
 
 def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth: int, q: int,
@@ -302,11 +312,12 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
   first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
   attrs = dict(q=np.int64(q), depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
                inv_channels=np.float32(1.0 / c), ntk=bool(ntk), threads=np.int64(threads()))
-  out = jax.ShapeDtypeStruct((n1, cols.shape[0] * LANES), jnp.float32)
+  out = jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32)
   if from_pixels(metric, q, c):
     call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
     sq1 = _pixel_self_grams(x1, q, padding).reshape(n1, -1)
-    return call(x1.reshape(n1, h0 * w0, c), sq1, cols, sq2, first, height=np.int64(h0),
+    return call(x1.reshape(n1, h0 * w0, c), sq1, cols.reshape(cols.shape[0], h0 * w0, c), sq2,
+                first, height=np.int64(h0),
                 width=np.int64(w0), row_tile=np.int64(row_tile), group=np.int64(group),
                 **attrs)
   p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access

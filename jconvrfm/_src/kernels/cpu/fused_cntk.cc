@@ -570,13 +570,16 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
 // `row_tile` row images against `group` column blocks, pixel by pixel, so that each pixel's
 // column data (C x kLanes floats per block) is read from memory once per row tile and each row
 // image's once per group, then each pair block's window sum and recursion run as in `Pair`.
+// Each worker lays its current group's column images out lanes-minor in a buffer of its own,
+// so the caller passes the images as they are (no copy of them all in lane layout).
 
 struct PixelProblem {
   Problem pb;              // the recursion (pb.p1, pb.mp2, pb.d unused)
   Gather1D sum_h, sum_w;   // window sums from the pixel grid to layer 1's positions
   int64_t pixels = 0, w_in = 0, channels = 0;
   const float* x1 = nullptr;  // (n1, pixels, C) row images
-  const float* x2 = nullptr;  // (blocks, pixels, C, kLanes) column images
+  const float* x2 = nullptr;  // (n2, pixels, C) column images
+  int64_t n2 = 0;
   int64_t row_tile = 0, group = 0;
 };
 
@@ -617,9 +620,28 @@ inline void PixelGrams2(const float* const* rows, const float* col0, const float
 // Register tile of PixelGrams (rows per micro-kernel call).
 constexpr int kPixelRows = 8;
 
+// Column images of blocks b0 .. b0 + nb - 1 into `cols` (nb, pixels, C, kLanes); images past
+// n2 are zero images (zero variances: finite, zero kernel columns, dropped by the caller).
+void LayOutColumns(const PixelProblem& pp, int64_t b0, int64_t nb, std::vector<float>& cols) {
+  const int64_t size = pp.channels * pp.pixels;  // floats per image
+  constexpr int64_t kChunk = 256;  // floats per image per pass: 16 KB of output stays in L1
+  for (int64_t gb = 0; gb < nb; ++gb) {
+    float* out = cols.data() + gb * size * kLanes;
+    for (int64_t i0 = 0; i0 < size; i0 += kChunk) {
+      const int64_t i1 = std::min(size, i0 + kChunk);
+      for (int k = 0; k < kLanes; ++k) {
+        const int64_t image = (b0 + gb) * kLanes + k;
+        const float* in = image < pp.n2 ? pp.x2 + image * size : nullptr;
+        for (int64_t i = i0; i < i1; ++i) out[i * kLanes + k] = in ? in[i] : 0.0f;
+      }
+    }
+  }
+}
+
 template <bool kNtk>
-void PixelTile(const PixelProblem& pp, int64_t a0, int64_t na, int64_t b0, int64_t nb,
-               std::vector<float>& grams, std::vector<float>& tmp, Workspace& ws) {
+void PixelTile(const PixelProblem& pp, const std::vector<float>& cols, int64_t a0, int64_t na,
+               int64_t b0, int64_t nb, std::vector<float>& grams, std::vector<float>& tmp,
+               Workspace& ws) {
   const Problem& pb = pp.pb;
   const int64_t c = pp.channels, pixels = pp.pixels;
   const auto needed = [&pb](int64_t a, int64_t b) {
@@ -635,7 +657,7 @@ void PixelTile(const PixelProblem& pp, int64_t a0, int64_t na, int64_t b0, int64
     for (int64_t px = 0; px < pixels; ++px) {
       int64_t gb = 0;
       for (; gb + 1 < nb; gb += 2) {
-        const float* col0 = pp.x2 + ((b0 + gb) * pixels + px) * c * kLanes;
+        const float* col0 = cols.data() + (gb * pixels + px) * c * kLanes;
         const float* col1 = col0 + pixels * c * kLanes;
         for (int64_t r0 = 0; r0 < na; r0 += kPixelRows) {
           const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
@@ -655,7 +677,7 @@ void PixelTile(const PixelProblem& pp, int64_t a0, int64_t na, int64_t b0, int64
         }
       }
       for (; gb < nb; ++gb) {
-        const float* col = pp.x2 + ((b0 + gb) * pixels + px) * c * kLanes;
+        const float* col = cols.data() + (gb * pixels + px) * c * kLanes;
         for (int64_t r0 = 0; r0 < na; r0 += kPixelRows) {
           const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
           for (int64_t r = 0; r < nr; ++r) rows[r] = pp.x1 + ((a0 + r0 + r) * pixels + px) * c;
@@ -696,10 +718,10 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
                                int64_t row_tile, int64_t group) {
   const auto x1_dims = x1.dimensions();
   const auto x2_dims = x2.dimensions();
-  if (x1_dims.size() != 3 || x2_dims.size() != 4 || x2_dims[3] != kLanes ||
-      x1_dims[1] != x2_dims[1] || x1_dims[2] != x2_dims[2] || x1_dims[1] != height * width) {
+  if (x1_dims.size() != 3 || x2_dims.size() != 3 || x1_dims[1] != x2_dims[1] ||
+      x1_dims[2] != x2_dims[2] || x1_dims[1] != height * width) {
     return ffi::Error::InvalidArgument(
-        "fused_cntk_pixels: x1 must be (n1, H W, C), x2 (blocks, H W, C, 16)");
+        "fused_cntk_pixels: x1 must be (n1, H W, C), x2 (n2, H W, C)");
   }
   if (depth < 1 || q < 1 || padding < 0 || padding > 2 || row_tile < 1 || group < 1) {
     return ffi::Error::InvalidArgument("fused_cntk_pixels: bad depth, q, padding or tiles");
@@ -724,14 +746,17 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
   pp.sum_w = WindowGather(static_cast<int>(q), pad_mode, pad, w_in, w1, false);
   const int p0 = pb.g.positions(0);
   const auto count = [](const auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
-  if (count(sq1) != x1_dims[0] * p0 || count(sq2) != x2_dims[0] * p0 * kLanes) {
-    return ffi::Error::InvalidArgument("fused_cntk_pixels: sq1 must be (n1, P), sq2 (blocks, P, 16)");
+  const int64_t blocks = (x2_dims[0] + kLanes - 1) / kLanes;
+  if (count(sq1) != x1_dims[0] * p0 || count(sq2) != blocks * p0 * kLanes ||
+      static_cast<int64_t>(out->element_count()) != x1_dims[0] * blocks * kLanes) {
+    return ffi::Error::InvalidArgument(
+        "fused_cntk_pixels: sq1 must be (n1, P), sq2 (blocks, P, 16), out (n1, 16 blocks)");
   }
   if (first_row.element_count() != 1) {
     return ffi::Error::InvalidArgument("fused_cntk_pixels: first_row must be a scalar");
   }
   pb.n1 = x1_dims[0];
-  pb.blocks = x2_dims[0];
+  pb.blocks = blocks;
   pb.d = 0;
   pb.inv_channels = inv_channels;
   pb.ntk = ntk;
@@ -744,6 +769,7 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
   pp.channels = x1_dims[2];
   pp.x1 = x1.typed_data();
   pp.x2 = x2.typed_data();
+  pp.n2 = x2_dims[0];
   pp.row_tile = row_tile;
   pp.group = std::min<int64_t>(group, std::max<int64_t>(pb.blocks, 1));
   const SelfTables self =
@@ -759,12 +785,14 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
     Workspace ws(pb.g);
     std::vector<float> grams(static_cast<size_t>(pp.row_tile) * pp.group * pp.pixels * kLanes);
     std::vector<float> tmp(static_cast<size_t>(h1) * pp.w_in * kLanes);
+    std::vector<float> cols(static_cast<size_t>(pp.group) * pp.pixels * pp.channels * kLanes);
     for (int64_t gi = w; gi < groups; gi += workers) {
       const int64_t b0 = gi * pp.group, nb = std::min(pp.group, pb.blocks - b0);
+      LayOutColumns(pp, b0, nb, cols);
       for (int64_t a0 = 0; a0 < pb.n1; a0 += pp.row_tile) {
         const int64_t na = std::min(pp.row_tile, pb.n1 - a0);
-        if (pb.ntk) PixelTile<true>(pp, a0, na, b0, nb, grams, tmp, ws);
-        else PixelTile<false>(pp, a0, na, b0, nb, grams, tmp, ws);
+        if (pb.ntk) PixelTile<true>(pp, cols, a0, na, b0, nb, grams, tmp, ws);
+        else PixelTile<false>(pp, cols, a0, na, b0, nb, grams, tmp, ws);
       }
     }
   });
@@ -1346,7 +1374,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkPixelsF32, FusedCntkPixelsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x1 (n1, H W, C)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sq1 (n1, P)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x2 (blocks, H W, C, 16)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x2 (n2, H W, C)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sq2 (blocks, P, 16)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // first_row ()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
