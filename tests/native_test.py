@@ -56,6 +56,13 @@ def _uses_custom_call(x1, x2, metric, depth=2, q=3, padding='VALID', kind='ntk')
   return native.TARGET in text
 
 
+def _uses_pixel_call(x1, x2, depth=2, q=3, padding='VALID', kind='ntk'):
+  fn = fused.fused_conv_kernel.__wrapped__
+  text = jax.jit(lambda a, b: fn(a, b, None, depth, q, checks.Padding(padding),
+                                 fused.Kind(kind))).lower(x1, x2).as_text()
+  return native.PIXELS_TARGET in text
+
+
 def test_native_kernel_builds_and_float32_calls_take_it():
   assert native.available(), native.unavailable_reason()
   rng = np.random.default_rng(0)
@@ -84,15 +91,18 @@ def test_native_kernel_equals_float64_reference(padding, kind, q, depth, channel
                              atol=2e-5 * float(np.max(np.abs(want))))
 
 
-def test_native_kernel_handles_zero_patches_like_the_reference():
-  # A low-rank metric and zero regions give zero variances at some positions of some
-  # layers: R = 0 and D = 1/2 there (fused.py's convention), in every layer.
-  rng = np.random.default_rng(5)
-  x1, x2 = _images(rng, 4, 10, 10, 1), _images(rng, 18, 10, 10, 1)
+@pytest.mark.parametrize('channels,pixels', [(1, False), (8, True)])
+def test_native_kernel_handles_zero_patches_like_the_reference(channels, pixels):
+  # Zero regions (and, on the patch call, a low-rank metric) give zero variances at some
+  # positions of some layers: R = 0 and D = 1/2 there (fused.py's convention), in every layer.
+  # channels = 8 (d = 72, the identity metric) goes to the pixel call.
+  rng = np.random.default_rng(18 if pixels else 5)
+  x1, x2 = _images(rng, 4, 10, 10, channels), _images(rng, 18, 10, 10, channels)
   x1[0] = 0.0                     # a whole zero image
   x1[1, :6] = 0.0                 # a zero band: zero patches in layer 1 only partly
   x2[3, :, :7] = 0.0
-  metric = _psd(rng, 9, rank=2)
+  metric = None if pixels else _psd(rng, 9 * channels, rank=2)
+  assert _uses_pixel_call(x1, x2) == pixels
   for kind in ('ntk', 'nngp'):
     got = _raw(x1, x2, metric, 3, 3, 'VALID', kind)
     want = _float64_reference(x1, x2, metric, 3, 3, 'VALID', kind)
@@ -393,13 +403,6 @@ def test_native_kernel_matrix_does_not_apply_to_float64_or_when_switched_off(mon
   assert fused.native_kernel_matrix(x, *args) is None
 
 
-def _uses_pixel_call(x1, x2, depth=2, q=3, padding='VALID', kind='ntk'):
-  fn = fused.fused_conv_kernel.__wrapped__
-  text = jax.jit(lambda a, b: fn(a, b, None, depth, q, checks.Padding(padding),
-                                 fused.Kind(kind))).lower(x1, x2).as_text()
-  return native.PIXELS_TARGET in text
-
-
 def test_large_patch_dimensions_with_a_metric_keep_the_xla_path():
   # The patch-based custom calls form every image's patches: past native.MAX_PATCH_DIM the
   # tiler's per-entry memory probe would cut matrices into needlessly many tiles (see
@@ -439,20 +442,6 @@ def test_pixel_kernel_equals_float64_reference(padding, kind, q, depth, channels
   assert got.dtype == jnp.float32 and got.shape == (5, 21)
   want = _float64_reference(x1, x2, None, depth, q, padding, kind)
   tolerances.assert_rel_fro(got, want, _F32_TOL, f'{padding} {kind} q{q} d{depth} c{channels}')
-
-
-def test_pixel_kernel_handles_zero_pixels_like_the_reference():
-  rng = np.random.default_rng(18)
-  x1, x2 = _images(rng, 4, 10, 10, 8), _images(rng, 18, 10, 10, 8)
-  x1[0] = 0.0                     # a whole zero image
-  x1[1, :6] = 0.0                 # a zero band: zero patches in layer 1 only partly
-  x2[3, :, :7] = 0.0
-  for kind in ('ntk', 'nngp'):
-    got = _raw(x1, x2, None, 3, 3, 'VALID', kind)
-    want = _float64_reference(x1, x2, None, 3, 3, 'VALID', kind)
-    assert bool(jnp.all(jnp.isfinite(got)))
-    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
-    tolerances.assert_rel_fro(got, want, _F32_TOL, f'zero pixels {kind}')
 
 
 def test_pixel_kernel_is_independent_of_tiles_and_threads(monkeypatch):
