@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -51,6 +52,22 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 inline Vec Zero() { return Vec{} ; }
+
+// Calls fn(std::integral_constant<int, n>) for n in [1, 8] (n > 8 is taken as 8): a runtime
+// count turned into a compile-time one, for register-tiled loops.
+template <class Fn>
+inline void WithCount8(int64_t n, Fn fn) {
+  switch (n) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 // arccos(c) for c in [-1, 1] by Abramowitz & Stegun 4.4.46 (scalar; vectorised in lane loops).
 inline float Acos(float c) {
@@ -663,17 +680,10 @@ void PixelTile(const PixelProblem& pp, const std::vector<float>& cols, int64_t a
           const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
           for (int64_t r = 0; r < nr; ++r) rows[r] = pp.x1 + ((a0 + r0 + r) * pixels + px) * c;
           float* out = grams.data() + r0 * stride + gb * pair_size + px * kLanes;
-          const float sc = pb.inv_channels;
-          switch (nr) {
-            case 8: PixelGrams2<8>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 7: PixelGrams2<7>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 6: PixelGrams2<6>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 5: PixelGrams2<5>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 4: PixelGrams2<4>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 3: PixelGrams2<3>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            case 2: PixelGrams2<2>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-            default: PixelGrams2<1>(rows, col0, col1, c, sc, out, stride, pair_size); break;
-          }
+          WithCount8(nr, [&](auto r) {
+            PixelGrams2<decltype(r)::value>(rows, col0, col1, c, pb.inv_channels, out, stride,
+                                            pair_size);
+          });
         }
       }
       for (; gb < nb; ++gb) {
@@ -682,16 +692,9 @@ void PixelTile(const PixelProblem& pp, const std::vector<float>& cols, int64_t a
           const int64_t nr = std::min<int64_t>(kPixelRows, na - r0);
           for (int64_t r = 0; r < nr; ++r) rows[r] = pp.x1 + ((a0 + r0 + r) * pixels + px) * c;
           float* out = grams.data() + r0 * stride + gb * pair_size + px * kLanes;
-          switch (nr) {
-            case 8: PixelGrams<8>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 7: PixelGrams<7>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 6: PixelGrams<6>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 5: PixelGrams<5>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 4: PixelGrams<4>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 3: PixelGrams<3>(rows, col, c, pb.inv_channels, out, stride); break;
-            case 2: PixelGrams<2>(rows, col, c, pb.inv_channels, out, stride); break;
-            default: PixelGrams<1>(rows, col, c, pb.inv_channels, out, stride); break;
-          }
+          WithCount8(nr, [&](auto r) {
+            PixelGrams<decltype(r)::value>(rows, col, c, pb.inv_channels, out, stride);
+          });
         }
       }
     }
@@ -738,14 +741,17 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
   pb.g = MakeGeometry(h1, w1, static_cast<int>(q), static_cast<int>(depth), pad_mode);
   for (int l = 0; l < pb.g.depth; ++l) {
     if (pb.g.h[l] < 1 || pb.g.w[l] < 1) {
-      return ffi::Error::InvalidArgument("fused_cntk_pixels: the image is too small for this depth");
+      return ffi::Error::InvalidArgument(
+          "fused_cntk_pixels: the image is too small for this depth");
     }
   }
   const int pad = pad_mode == kValid ? 0 : (static_cast<int>(q) - 1) / 2;
   pp.sum_h = WindowGather(static_cast<int>(q), pad_mode, pad, h_in, h1, false);
   pp.sum_w = WindowGather(static_cast<int>(q), pad_mode, pad, w_in, w1, false);
   const int p0 = pb.g.positions(0);
-  const auto count = [](const auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
+  const auto count = [](const auto& buffer) {
+    return static_cast<int64_t>(buffer.element_count());
+  };
   const int64_t blocks = (x2_dims[0] + kLanes - 1) / kLanes;
   if (count(sq1) != x1_dims[0] * p0 || count(sq2) != blocks * p0 * kLanes ||
       static_cast<int64_t>(out->element_count()) != x1_dims[0] * blocks * kLanes) {
@@ -1221,16 +1227,8 @@ void AgopContract(const AgopProblem& pb, int64_t b0, int64_t n, AgopWorkspace& w
         coef += bz[gb] * ac;
       }
       for (int64_t e0 = 0; e0 < d; e0 += 8) {
-        switch (std::min<int64_t>(8, d - e0)) {
-          case 8: ContractChunk<8>(ua, x, n, e0, pr); break;
-          case 7: ContractChunk<7>(ua, x, n, e0, pr); break;
-          case 6: ContractChunk<6>(ua, x, n, e0, pr); break;
-          case 5: ContractChunk<5>(ua, x, n, e0, pr); break;
-          case 4: ContractChunk<4>(ua, x, n, e0, pr); break;
-          case 3: ContractChunk<3>(ua, x, n, e0, pr); break;
-          case 2: ContractChunk<2>(ua, x, n, e0, pr); break;
-          default: ContractChunk<1>(ua, x, n, e0, pr); break;
-        }
+        WithCount8(std::min<int64_t>(8, d - e0),
+                   [&](auto w) { ContractChunk<decltype(w)::value>(ua, x, n, e0, pr); });
         pr += std::min<int64_t>(8, d - e0);
       }
       *pr++ = coef;
