@@ -317,9 +317,8 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
     call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
     sq1 = _pixel_self_grams(x1, q, padding).reshape(n1, -1)
     return call(x1.reshape(n1, h0 * w0, c), sq1, cols.reshape(cols.shape[0], h0 * w0, c), sq2,
-                first, height=np.int64(h0),
-                width=np.int64(w0), row_tile=np.int64(row_tile), group=np.int64(group),
-                **attrs)
+                first, height=np.int64(h0), width=np.int64(w0), row_tile=np.int64(row_tile),
+                group=np.int64(group), **attrs)
   p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
   _, h, w, d = p1.shape
   mp1 = p1 if metric is None else p1 @ metric
@@ -379,15 +378,8 @@ def train_blocks(px: jax.Array, sqx: jax.Array, alpha: jax.Array):
   images with zero coefficients (zero variances: finite, and no contribution).
   """
   n, h, w, d = px.shape
-  blocks = -(-n // LANES)
-  extra = blocks * LANES - n
-  if extra:
-    px, sqx, alpha = (jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
-                      for a in (px, sqx, alpha))
-  px = px.reshape(blocks, LANES, h * w, d).transpose(0, 2, 3, 1)
-  sqx = sqx.reshape(blocks, LANES, h * w).transpose(0, 2, 1)
-  alpha = alpha.reshape(blocks, LANES, -1).transpose(0, 2, 1)
-  return px, sqx, alpha
+  return (_lane_blocks(px.reshape(n, h * w, d)), _lane_blocks(sqx.reshape(n, h * w)),
+          _lane_blocks(alpha))
 
 
 def predictor_agop_rows(pz: jax.Array, mpz: jax.Array, sqz: jax.Array, zidx: jax.Array,
