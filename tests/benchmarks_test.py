@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -111,3 +110,15 @@ def test_native_benchmark_runs_and_paths_agree(tmp_path, monkeypatch):
     assert r['native']['median_s'] > 0 and r['xla']['median_s'] > 0
     assert np.isfinite(r['rel_diff'])
     assert r['rel_diff'] < tolerance[r['phase']], r
+
+
+def test_deep_layer_benchmark_runs_and_paths_agree(tmp_path):
+  stdout, res = _run('experiments.benchmarks.deep_layer_benchmark', tmp_path, '--kernel_n=20',
+                     '--agop_n=6', '--channels=8', '--size=8', '--repeats=1')
+  assert 'learned metric' in stdout
+  assert [r['phase'] for r in res['rows']] == ['kernel', 'agop']
+  for r in res['rows']:
+    assert r['features']['finite'] and r['patches']['finite']
+    assert r['features']['median_s'] > 0 and r['patches']['median_s'] > 0
+    # float32, two computations of the same function (the AGOP's self pairs: see above).
+    assert r['rel_diff'] < {'kernel': 1e-5, 'agop': 5e-5}[r['phase']], r

@@ -491,3 +491,89 @@ def test_hand_written_reverse_pass_matches_autodiff(padding, kind):
     for name, a, b in zip(('gram12', 'sq1', 'sq2'), got, want):
       assert bool(jnp.all(jnp.isfinite(a))), name
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f'{name} depth {depth}')
+
+
+# ------------------------------------------------------------------------------------------
+# Learned metrics on many channels: patch features formed once per matrix.
+# ------------------------------------------------------------------------------------------
+
+
+def test_metric_factor_reproduces_the_metric():
+  rng = np.random.default_rng(30)
+  metric = _random_psd(rng, 72, rank=40)                  # singular: 32 zero eigenvalues
+  f = fused.metric_factor(metric)
+  assert f.shape == (72, 72)
+  tolerances.assert_rel_fro(f @ f.T, metric, 1e-13, 'F F^T')
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('kind', ['ntk', 'nngp'])
+def test_metric_kernel_matrix_equals_explicit_patch_grams(padding, kind):
+  # float64 through the XLA feature tiles, against the kernel from explicit `p^T M p'` Grams
+  # (the public `conv_kernel_from_grams`); column chunks of 16 images force several chunks,
+  # row chunks cut at their left edge, and the symmetric matrix's upper-triangle mirroring.
+  rng = np.random.default_rng(31 + len(padding) + len(kind))
+  x, y = _images(rng, 41, 7, 6, 8), _images(rng, 19, 7, 6, 8)
+  metric = _random_psd(rng, 72)
+  pad, knd = jconvrfm.Padding(padding), fused.Kind(kind)
+
+  def want(a, b):
+    g12, s1, s2 = fused.patch_grams(a, b, patch_size=3, padding=padding, metric=metric)
+    return fused.conv_kernel_from_grams(g12, s1, s2, depth=2, patch_size=3, padding=padding,
+                                        channels=8, kind=kind)
+
+  per_image = 42 * 72 * 8 if padding != 'VALID' else 20 * 72 * 8
+  for feature_bytes in (fused.FEATURE_BYTES, (16 + fused._FEATURE_ROWS) * per_image):  # pylint: disable=protected-access
+    done = []
+    sym = fused.metric_kernel_matrix(x, None, metric, 2, 3, pad, knd,
+                                     progress=lambda d, t: done.append((d, t)),
+                                     feature_bytes=feature_bytes)
+    assert sym.shape == (41, 41) and sym.dtype == np.float64
+    np.testing.assert_array_equal(sym, sym.T)
+    ref = want(x, x)
+    off = ~np.eye(41, dtype=bool)
+    tolerances.assert_rel_fro(sym[off], np.asarray(ref)[off], 1e-12, f'symmetric {padding}')
+    # The reference's diagonal goes through the arccos kink at cos t = 1 (~1e-8 in float64).
+    tolerances.assert_rel_fro(np.diag(sym), np.diag(ref), 1e-7, 'diagonal')
+    assert done[-1][0] == done[-1][1] == len(done)
+    rect = fused.metric_kernel_matrix(x, y, metric, 2, 3, pad, knd,
+                                      feature_bytes=feature_bytes)
+    tolerances.assert_rel_fro(rect, want(x, y), 1e-12, f'rectangular {padding}')
+  assert len(done) > 3                                     # several column chunks
+
+
+def test_whole_kernel_matrix_routes_large_learned_metrics_to_features():
+  rng = np.random.default_rng(32)
+  x = _images(rng, 6, 6, 6, 8)
+  args = (2, 3, jconvrfm.Padding.SAME, fused.Kind.NTK)
+  metric = _random_psd(rng, 72)
+  got = fused.whole_kernel_matrix(x, None, metric, *args)
+  np.testing.assert_array_equal(got, fused.metric_kernel_matrix(x, None, metric, *args))
+  # float64 small patch dimension, or the identity past 64: no untiled path (callers tile).
+  assert fused.whole_kernel_matrix(x[..., :2], None, _random_psd(rng, 18), *args) is None
+  assert fused.whole_kernel_matrix(x, None, None, *args) is None
+
+
+def test_self_kernel_of_large_learned_metric_equals_explicit_patches():
+  # d = 72: the diagonal from chunked features against explicit `p^T M p` (float64), with
+  # more images than one feature chunk holds.
+  rng = np.random.default_rng(33)
+  x = _images(rng, 37, 6, 7, 8)
+  metric = _random_psd(rng, 72)
+  got = fused.fused_self_kernel(x, metric, 3, 3, jconvrfm.Padding.SAME, fused.Kind.NTK)
+  p = np.asarray(jconvrfm.patches(x, 3, padding='SAME'))
+  sq = np.einsum('ahwd,de,ahwe->ahw', p, np.asarray(metric), p)
+  # K(x, x) at angle 0: the linear recursion on the self Grams (independent evaluation).
+  k = sq / 8.0
+  theta = k
+  for _ in range(2):
+    theta = _box_sum(theta + k)
+    k = _box_sum(k)
+  want = np.mean(theta + k, axis=(1, 2))
+  tolerances.assert_rel_fro(got, want, 1e-13, 'self kernel d=72')
+
+
+def _box_sum(a):
+  """3 x 3 window sum with zero (SAME) padding over axes 1, 2 of `(n, H, W)`, in numpy."""
+  p = np.pad(a, ((0, 0), (1, 1), (1, 1)))
+  return sum(p[:, i:i + a.shape[1], j:j + a.shape[2]] for i in range(3) for j in range(3))

@@ -491,3 +491,67 @@ def test_pixel_kernel_derivatives_go_through_the_xla_path():
   fd = (f64(x1.astype(np.float64) + eps * direction) -
         f64(x1.astype(np.float64) - eps * direction)) / (2 * eps)
   np.testing.assert_allclose(float(jvp), float(fd), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned metrics past 64: the pixel call on patch features (`fused.metric_kernel_matrix`).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME', 'CIRCULAR'])
+@pytest.mark.parametrize('kind', ['ntk', 'nngp'])
+@pytest.mark.parametrize('q,depth,channels', [(3, 2, 8), (2, 3, 17), (3, 1, 9)])
+def test_feature_kernel_matrix_equals_float64_reference(padding, kind, q, depth, channels):
+  rng = np.random.default_rng(2000 + q * 100 + depth * 10 + channels)
+  d = q * q * channels
+  assert d > native.MAX_PATCH_DIM
+  x, y = _images(rng, 37, 9, 8, channels), _images(rng, 21, 9, 8, channels)
+  metric = _psd(rng, d)
+  pad, knd = checks.Padding(padding), fused.Kind(kind)
+  text = jax.jit(lambda a, c, f: fused._native_feature_rows(  # pylint: disable=protected-access
+      a, c, f, depth=depth, q=q, padding=pad, channels=channels, kind=knd)).lower(
+          jnp.zeros((4, 3, 3, d)), native.feature_columns(jnp.zeros((16, 3, 3, d))),
+          jnp.int32(-1)).as_text()
+  assert native.PIXELS_TARGET in text
+  sym = fused.metric_kernel_matrix(jnp.asarray(x), None, jnp.asarray(metric), depth, q, pad,
+                                   knd)
+  want = _float64_reference(x, x, metric, depth, q, padding, kind)
+  assert sym.dtype == np.float32
+  np.testing.assert_array_equal(sym, sym.T)
+  tolerances.assert_rel_fro(sym, want, _F32_TOL, 'symmetric')
+  # Diagonal pairs take the correlation 1 exactly: the float64 self kernel, not the
+  # reference's diagonal through the arccos kink.
+  diag = fused.fused_self_kernel(jnp.asarray(x, jnp.float64), jnp.asarray(metric, jnp.float64),
+                                 depth, q, pad, knd)
+  tolerances.assert_rel_fro(np.diag(sym), diag, _F32_TOL, 'diagonal')
+  rect = fused.metric_kernel_matrix(jnp.asarray(x), jnp.asarray(y), jnp.asarray(metric),
+                                    depth, q, pad, knd)
+  tolerances.assert_rel_fro(rect, _float64_reference(x, y, metric, depth, q, padding, kind),
+                            _F32_TOL, 'rectangular')
+
+
+def test_feature_kernel_matrix_is_independent_of_chunks_tiles_and_threads(monkeypatch):
+  # Column chunks (16 images at the smallest budget), row tiles, groups and threads change
+  # which pairs a call computes together, never a pair's sums: bitwise the same matrix.
+  rng = np.random.default_rng(21)
+  x, y = jnp.asarray(_images(rng, 45, 7, 7, 8)), jnp.asarray(_images(rng, 40, 7, 7, 8))
+  metric = jnp.asarray(_psd(rng, 72, rank=30))
+  args = (metric, 2, 3, checks.Padding.SAME, fused.Kind.NTK)
+  small = (16 + fused._FEATURE_ROWS) * 49 * 72 * 4  # pylint: disable=protected-access
+  outs = {}
+  for threads, budget in (('1', fused.FEATURE_BYTES), ('3', small)):
+    monkeypatch.setenv('JCONVRFM_NATIVE_THREADS', threads)
+    outs[threads] = (fused.metric_kernel_matrix(x, None, *args, feature_bytes=budget),
+                     fused.metric_kernel_matrix(x, y, *args, feature_bytes=budget))
+  for a, b in zip(outs['1'], outs['3']):
+    np.testing.assert_array_equal(a, b)
+  t1 = fused._metric_features_jit(x, fused.metric_factor(metric), q=3,  # pylint: disable=protected-access
+                                  padding=checks.Padding.SAME)
+  cols = native.feature_columns(t1[:40])
+  base = native.kernel_from_feature_columns(t1, cols, 2, 3, checks.Padding.SAME, True, 8)
+  for row_tile, group in ((1, 1), (5, 3), (40, 2)):
+    np.testing.assert_array_equal(
+        native.kernel_from_feature_columns(t1, cols, 2, 3, checks.Padding.SAME, True, 8,
+                                           row_tile=row_tile, group=group), base)
+  with pytest.raises(ValueError, match='row_tile and group'):
+    native.kernel_from_feature_columns(t1, cols, 2, 3, checks.Padding.SAME, True, 8, group=0)

@@ -296,3 +296,57 @@ def test_symmetric_default_block_is_aligned_and_pads_little(n):
   assert all(work(b) <= work(side) for side in range(128, 225, 16))
   if n == 800:
     assert b == 160   # the README run's 800 fit images: 5 blocks, no padding
+
+
+# Patch dimensions past `FEATURE_MIN_DIM` (Deep ConvRFM layers on many feature maps): the
+# hand-written path works on patch features `F^T p` (`F F^T = M`) with no class-weighted
+# copies of the training patches.
+
+
+@pytest.mark.parametrize('padding,kind', [('VALID', 'ntk'), ('SAME', 'nngp'),
+                                          ('CIRCULAR', 'ntk')])
+@pytest.mark.parametrize('with_metric', [False, True])
+def test_feature_path_matches_brute_force(padding, kind, with_metric):
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  x, alpha, z, metric = _problem(10, n=6, s=3, size=6, channels=8, with_metric=with_metric)
+  assert metric.shape[0] > pa.FEATURE_MIN_DIM
+  kernel = fused.GramConvKernel(2, 3, checks.canonical_padding(padding), 8,
+                                fused.canonical_kind(kind))
+  plain = lambda g, s1, s2: kernel(g, s1, s2)   # same function, autodiff only
+  want = brute_force_agop(plain, x, alpha, z, 3, padding, metric)
+  got = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, padding=padding,
+                                     metric=metric if with_metric else None)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'features {padding} {kind}')
+  idx = np.array([3, 0, 5, 1])
+  want = brute_force_agop(plain, x, alpha, x[idx], 3, padding, metric, idx)
+  got = pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
+                                     padding=padding, metric=metric, train_block=4, z_block=3)
+  tolerances.assert_rel_fro(got, want, 1e-6, f'features z_indices {padding} {kind}')
+
+
+def test_feature_path_blocks_and_devices_do_not_change_result():
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  x, alpha, z, metric = _problem(11, n=9, s=5, size=6, channels=8)
+  kernel = fused.GramConvKernel(2, 3, checks.Padding.SAME, 8)
+  whole = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, padding='SAME',
+                                       metric=metric)
+  seen = []
+  chunked = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, padding='SAME',
+                                         metric=metric, train_block=4, z_block=2,
+                                         progress=seen.append)
+  assert seen == [2, 2, 1]
+  tolerances.assert_rel_fro(chunked, whole, 1e-12, 'features chunked')
+  # Sample blocks spread over the (simulated, conftest.py) devices, one sample a block.
+  devices = jax.devices()
+  spread = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3, padding='SAME',
+                                        metric=metric, z_block=1, devices=devices)
+  assert spread.devices() == {devices[0]}
+  tolerances.assert_rel_fro(spread, whole, 1e-10, f'features on {len(devices)} devices')
+  # The patch-based path (forced by raising the bound) agrees: an independent contraction.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pa, 'FEATURE_MIN_DIM', 10**6)
+    patches_path = pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3,
+                                                padding='SAME', metric=metric)
+  tolerances.assert_rel_fro(whole, patches_path, 1e-12, 'features vs patches path')

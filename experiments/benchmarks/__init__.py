@@ -3,9 +3,11 @@
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
-from typing import Any, Dict, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -35,3 +37,41 @@ def run_worker(module: str, spec: Any, *, args: Sequence[str] = (),
   if proc.returncode != 0:
     raise RuntimeError(f'{module} worker failed for {spec}:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def host_peak_mb() -> float:
+  """Peak resident memory of this process image (VmHWM), else ru_maxrss.
+
+  `ru_maxrss` survives `fork` + `exec` on Linux (a child starts at its parent's peak), so the
+  per-image high-water mark from /proc is preferred.
+  """
+  try:
+    for line in pathlib.Path('/proc/self/status').read_text().splitlines():
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+
+
+def time_and_report(call: Callable[[], Any], repeats: int, out: str, **fields) -> None:
+  """A worker's measurement: `call()` once (compiling), then `repeats` timed calls.
+
+  Saves the result as `out` (`.npy`) and prints one JSON line (`run_worker` reads it): the
+  median and first-call seconds, the peak RSS in MB, whether the result is finite, the
+  device kind, and `fields`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  result = np.asarray(jax.block_until_ready(call()))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  np.save(out, result)
+  print(json.dumps({'median_s': float(np.median(times)), 'compile_s': compile_s,
+                    'maxrss_mb': host_peak_mb(), 'finite': bool(np.all(np.isfinite(result))),
+                    'device': str(jax.devices()[0].device_kind), **fields}))

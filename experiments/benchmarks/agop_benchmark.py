@@ -32,8 +32,6 @@ A quick CPU run:
 
 import functools
 import json
-import pathlib
-import resource
 import statistics
 import sys
 import time
@@ -188,19 +186,7 @@ def worker(spec, params, key, cfg):
   print(json.dumps({'host_peak_mb': host_peak_mb(), 'device_peak_mb': device_peak_mb()}))
 
 
-def host_peak_mb():
-  """Peak resident memory of this process image (VmHWM), else ru_maxrss.
-
-  `ru_maxrss` survives `fork` + `exec` on Linux (a child starts at its parent's peak), so the
-  per-image high-water mark from /proc is preferred.
-  """
-  try:
-    for line in pathlib.Path('/proc/self/status').read_text().splitlines():
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 1024  # kB
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+host_peak_mb = benchmarks.host_peak_mb
 
 
 def measure_in_subprocess(spec) -> Dict[str, Any]:

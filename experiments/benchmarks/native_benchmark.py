@@ -25,8 +25,6 @@ between the two paths' results (same inputs, same seed). About 3 minutes on a 2-
 
 import json
 import os
-import resource
-import time
 
 from absl import app
 from absl import flags
@@ -45,7 +43,6 @@ flags.DEFINE_string('worker', '', 'Internal: run one (phase, path) and print JSO
 
 def _worker(spec):
   """Runs in a subprocess whose JCONVRFM_NATIVE is set: compile, time, save the result."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
@@ -72,20 +69,8 @@ def _worker(spec):
     idx = np.arange(n)
     call = lambda: pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
                                                 metric=metric)
-  start = time.perf_counter()
-  out = jax.block_until_ready(call())
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(spec['repeats']):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  np.save(spec['out'], np.asarray(out))
-  print(json.dumps({
-      'median_s': float(np.median(times)), 'compile_s': compile_s,
-      'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'native': bool(native.available()), 'finite': bool(jnp.all(jnp.isfinite(out))),
-      'device': str(jax.devices()[0].device_kind)}))
+  benchmarks.time_and_report(call, spec['repeats'], spec['out'],
+                             native=bool(native.available()))
 
 
 def _run(spec, native_on):

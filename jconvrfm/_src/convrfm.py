@@ -213,11 +213,12 @@ def _tiled(kernel, x1, x2, block_size, what, progress=None):
   cb = None if progress is None else (lambda done, total: progress(what, done, total))
   k = None
   if block_size is None and isinstance(kernel_fn, _FusedTile):
-    # The native CPU kernel needs no tiles: whole matrices in a few row chunks, the symmetric
-    # one computing only its upper triangle (None where it does not apply).
-    k = fused.native_kernel_matrix(x1, x2, kernel_args[0], kernel_fn.depth,
-                                   kernel_fn.patch_size, kernel_fn.padding, kernel_fn.kind,
-                                   progress=cb)
+    # The native CPU kernel, and learned metrics on many channels, need no tiles: whole
+    # matrices in row chunks, the symmetric one computing only its upper triangle (None where
+    # neither applies).
+    k = fused.whole_kernel_matrix(x1, x2, kernel_args[0], kernel_fn.depth,
+                                  kernel_fn.patch_size, kernel_fn.padding, kernel_fn.kind,
+                                  progress=cb)
   if k is None:
     k = tiling.kernel_matrix(kernel_fn, x1, x2, block_size=block_size, progress=cb,
                              kernel_args=kernel_args)

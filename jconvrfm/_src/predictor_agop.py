@@ -36,6 +36,14 @@ chunk of samples: no pair-sized array is ever written. It evaluates every ordere
 the reverse passes of the symmetric XLA path) and is still 1.5-1.6x faster than it on a 2-core
 Xeon (see WORKSPACE.md); float64, accelerators and several devices keep the XLA paths.
 
+Past `FEATURE_MIN_DIM` (patch dimension 64; Deep ConvRFM layers on many feature maps) such a
+kernel's AGOP works on patch features `t = F^T p` with `F F^T = M` (`fused.metric_factor`):
+their inner products are the patch Grams, and `M v = F w` with `w` the same sum over features,
+so `G = F (sum w w^T) F^T / s`. The contraction takes the (sample, class) pairs as rows, so
+no class-weighted copy of the training patches (`classes` times their memory) is formed and
+only the training features are held: on 160 images of 30 x 30 x 64 feature maps a Deep
+ConvRFM run's peak memory went from 12.2 to 3.2 GB (2-core Xeon, 2026-11-29).
+
 Generic path (`predictor_agop_autodiff`): any kernel defined on explicit patch tensors (for
 example a neural-tangents stax kernel fed with expanded patch images), differentiated with
 `jax.jacrev` (all classes in one vectorised reverse pass), chunked in the same way. It is also
@@ -61,6 +69,7 @@ import numpy as np
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
 from jconvrfm._src import tiling
+from jconvrfm._src.kernels import fused
 from jconvrfm._src.kernels import native as native_lib
 
 # (gram12 (n1, n2, H', W'), sq1 (n1, H', W'), sq2 (n2, H', W')) -> (n1, n2)
@@ -544,6 +553,137 @@ def _masked_outer_sum(u, coef, pz, valid):
   return v.T @ v
 
 
+# ----------------------------------------------------------------------------------------------
+# Large patch dimensions: the AGOP in the space of the patch features `F^T p`.
+# ----------------------------------------------------------------------------------------------
+
+# Patch dimension above which a hand-written kernel's AGOP works on patch features (see
+# `_feature_agop_sum`). The paths above keep `alpha`-weighted copies of the training patches,
+# `classes` times the patches (29 GB for 1600 images of 30 x 30 x 64 feature maps).
+FEATURE_MIN_DIM = 64
+# Bound on the numbers in the features path's per-block arrays: the running `w` of a sample
+# block (`H' W' b classes r`) and the weighted reverse-pass gradients (`H' W' b classes m`).
+# Larger blocks feed the per-position contraction matmuls better: an AGOP over 400 images of
+# 30 x 30 x 64 maps (d = 576, 10 classes) took 71 / 62 / 53 s at 2^26 / 2^27 / 2^28 elements,
+# peak RSS 3.8 / 4.1 / 5.4 GB (2-core Xeon, 2026-11-29).
+_FEATURE_BLOCK_ELEMENTS = 1 << 27
+
+
+def _feature_block_sizes(n, s, positions, classes, r, train_block, z_block):
+  if z_block is None:
+    z_block = max(1, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * r))
+  z_block = min(checks.check_positive_int(z_block, 'z_block'), s)
+  if train_block is None:
+    train_block = max(16, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * z_block))
+  train_block = min(checks.check_positive_int(train_block, 'train_block'), n)
+  return tiling.balanced_block(n, train_block), tiling.balanced_block(s, z_block)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(10, 11, 12))
+def _w_block(kernel, tile_cols: int, tb: int, t0: jax.Array, tx: jax.Array, sqx: jax.Array,
+             alpha: jax.Array, tz: jax.Array, sqz: jax.Array, same: jax.Array,
+             w_acc: jax.Array, coef_acc: jax.Array, scratch: Tuple[jax.Array, ...]):
+  """Training images `t0 .. t0 + tb`'s contribution to a sample block's `w` (features path).
+
+  `w[h, w, b, c] = sum_i alpha_ic A[h, w, b, i] tx[i, h, w]` `(H', W', b, classes, r)`, with
+  `A = dK/dgram` from `_hand_written_grads` on the features (the Grams of features are the
+  metric's patch Grams), and the running self-Gram coefficients `coef`. The contraction runs
+  with the sample-class pairs as rows, so that no class-weighted copy of the training
+  features is formed. `tx`, `sqx`, `alpha` are those of all training images (sliced here, so
+  no copies of them are kept outside).
+  """
+  tx, sqx, alpha = (jax.lax.dynamic_slice_in_dim(a, t0, tb) for a in (tx, sqx, alpha))
+  buf_a, coef = _hand_written_grads(kernel, tile_cols, tz, sqz, tx, sqx, alpha, coef_acc,
+                                    same, scratch)
+  h, w, b, m = buf_a.shape
+  weights = jnp.einsum('hwbm,mc->hwbcm', buf_a, alpha).reshape(h, w, -1, m)
+  w_new = jnp.matmul(weights, jnp.transpose(tx, (1, 2, 0, 3)))     # (H', W', b classes, r)
+  return w_acc + w_new.reshape(w_acc.shape), coef, (buf_a,)
+
+
+@jax.jit
+def _masked_feature_outer_sum(w_acc, coef, tz, valid):
+  """`sum W W^T`, `W = w + 2 coef tz` `(H', W', b, classes, r)`, over samples where `valid`."""
+  v = w_acc + 2 * coef[..., None] * jnp.transpose(tz, (1, 2, 0, 3))[:, :, :, None, :]
+  v = jnp.where(valid[None, None, :, None, None], v, jnp.zeros((), v.dtype))
+  v = v.reshape(-1, v.shape[-1])
+  return v.T @ v
+
+
+def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_block,
+                      z_block, progress, devices):
+  """`F (sum_{z, c, p} w w^T) F^T` for a kernel with a hand-written reverse pass.
+
+  With `F F^T = M` (`fused.metric_factor`; `F = I` for the identity) and features `t = F^T p`,
+  the patch Grams are `t_x . t_z`, and the gradient of `f_c` w.r.t. `p(z)` at a position is
+  `M v = F w` with `w = sum_i alpha_ic A_i t_i + 2 coef_c t_z` (`A = dK/dgram`, `coef` the
+  self-Gram term), so the AGOP of `v` is `F (sum w w^T) F^T`. Only the training features
+  (`n H' W' r` numbers, r = d) and per-block arrays bounded by `_FEATURE_BLOCK_ELEMENTS` are
+  held; sample blocks go to `devices` as in the one-directional path. `z` (sample images) or
+  `idx` (their indices among the training images). Returns the sum (not yet divided by the
+  number of samples), `(d, d)`.
+  """
+  n, classes = alpha.shape
+  h, w = patches_lib.output_shape(x_train.shape[1], x_train.shape[2], q, 1, padding)
+  r = q * q * x_train.shape[-1]
+  s = z.shape[0] if idx is None else idx.shape[0]
+  tb, zb = _feature_block_sizes(n, s, h * w, classes, r, train_block, z_block)
+  n_pad, s_pad = -(-n // tb) * tb, -(-s // zb) * zb
+  # Padded training images are zero images with alpha = 0 (finite gradients, no
+  # contribution); padded samples are masked out of the sum.
+  factor = None if checks.is_identity(metric) else fused.metric_factor(metric)
+
+  def features(x):
+    if factor is None:
+      return patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
+    return fused._metric_features_jit(x, factor, q=q, padding=padding)  # pylint: disable=protected-access
+
+  tx = features(_pad_axis0(x_train, n_pad))
+  sqx = jnp.sum(tx * tx, axis=-1)
+  alpha = _pad_axis0(alpha, n_pad)
+  if idx is None:
+    tz_all = features(_pad_axis0(z, s_pad))
+    sqz_all = jnp.sum(tz_all * tz_all, axis=-1)
+    idx = np.full(s_pad, -1)
+  else:
+    tz_all = sqz_all = None
+    idx = np.concatenate([idx, np.full(s_pad - s, -1)])
+
+  def samples(z0):
+    if tz_all is not None:
+      return tz_all[z0:z0 + zb], sqz_all[z0:z0 + zb]
+    # Samples among the training images: gathered per block (padded samples, masked out of
+    # the sum, take image 0), so that their features are not held twice.
+    rows = np.maximum(idx[z0:z0 + zb], 0)
+    return tx[rows], sqx[rows]
+
+  tile_cols = _hand_tile_cols(zb, tb, h * w)
+  work = _DeviceAccumulators(devices)
+  for z0 in range(0, s_pad, zb):
+    dev = work.assign(1.0)
+    put = functools.partial(work.put, dev)
+    tz, sqz = put(('z', z0), lambda: samples(z0))
+    train = put('train', lambda: (tx, sqx, alpha))
+    zidx = idx[z0:z0 + zb]
+    zeros = functools.partial(jnp.zeros, dtype=tx.dtype, device=work.devices[dev])
+    w_acc, coef = zeros((h, w, zb, classes, r)), zeros((h, w, zb, classes))  # donated below
+    if work.scratch[dev] is None:
+      work.scratch[dev] = (zeros((h, w, zb, tb)),)
+    for t0 in range(0, n_pad, tb):
+      same = jax.device_put(np.arange(t0, t0 + tb)[:, None] == zidx[None, :],
+                            work.devices[dev])
+      w_acc, coef, work.scratch[dev] = _w_block(
+          kernel, tile_cols, tb, jnp.asarray(t0, jnp.int32), *train, tz, sqz, same, w_acc,
+          coef, work.scratch[dev])
+    valid = jax.device_put(np.arange(z0, z0 + zb) < s, work.devices[dev])
+    part = _masked_feature_outer_sum(w_acc, coef, tz, valid)
+    work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
+    if progress is not None:
+      progress(min(zb, s - z0))
+  acc = work.gather('acc', lambda: jnp.zeros((r, r), tx.dtype))
+  return acc if factor is None else factor @ acc @ factor.T
+
+
 @jax.jit
 def _metric_patches(p, metric):
   mp = p @ metric
@@ -594,7 +734,9 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
     symmetric: when the samples are all training images (`z_indices` a permutation of
       `range(n)`) and the kernel has a hand-written reverse pass (`GramConvKernel`), evaluate
       each unordered pair of images once (about half the work; `train_block` then sets the
-      block side, by default a multiple of 16 in [128, 224], see `_symmetric_block`). False forces the one-directional path (the tests compare the two).
+      block side, by default a multiple of 16 in [128, 224], see `_symmetric_block`). False
+      forces the one-directional path (the tests compare the two). Not used past
+      `FEATURE_MIN_DIM` (the features path evaluates every ordered pair).
     devices: devices to spread the blocks over (default: all of `jax.local_devices()` on an
       accelerator, the first one on a CPU, whose simulated devices share the same cores):
       block pairs (symmetric path) or sample blocks go to the least loaded device, each
@@ -624,6 +766,13 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   z, idx = _z_from_indices(x_train, z, z_indices)
   x_train, alpha, z, q, padding, metric = _check_inputs(
       x_train, alpha, z, patch_size, padding, metric)
+  d = q * q * x_train.shape[-1]
+  if (d > FEATURE_MIN_DIM and hasattr(kernel_from_grams, 'grads_spatial_leading') and
+      native is not True):
+    acc = _feature_agop_sum(kernel_from_grams, x_train, alpha, None if idx is not None else z,
+                            idx, q, padding, metric, train_block, z_block, progress,
+                            _check_devices(devices))
+    return _check_result(acc / z.shape[0], 'kernel predictor AGOP (features path)')
   px = patches_lib.patches(x_train, q, padding=padding)
   n, h, w, d = px.shape
   classes = alpha.shape[1]

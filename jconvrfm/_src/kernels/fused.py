@@ -446,9 +446,14 @@ def fused_self_kernel(x, metric, depth, q, padding, kind):
   if metric is None:
     pix = jnp.einsum('ahwc,ahwc->hwa', x, x)
     g1 = _window_sum(pix, q, padding)
-  else:
+  elif metric.shape[0] <= _MAX_PRECOMPUTED_PATCH_DIM:
     p = patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
     g1 = jnp.einsum('ahwd,ed,ahwe->hwa', p, metric, p)
+  else:
+    # Large patch dimensions: squared norms of the features `F^T p`, a few images at a time
+    # (the patches of all images would take q^2 times their memory).
+    t_sq = lambda t: jnp.sum(t * t, axis=-1)
+    g1 = jnp.moveaxis(_metric_features(x, metric_factor(metric), q, padding, t_sq), 0, -1)
   return _self_kernel_internal(g1, depth, q, padding, x.shape[-1], kind)
 
 
@@ -659,14 +664,19 @@ def _patch_features(x, metric, q, padding, block, side):
   p = patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
   mp = p @ metric
   sq = jnp.sum(p * mp, axis=-1)
-  n, h, w, d = p.shape
+  return _split_features(p if side == 1 else mp, sq, block, side)
+
+
+def _split_features(f, sq, block, side):
+  """`f` `(n, H', W', d)`, `sq` `(n, H', W')` in tile-loop layout (see `_patch_features`)."""
+  n = f.shape[0]
 
   def split(a):
     a = a.reshape((n // block, block) + a.shape[1:])
     return jnp.moveaxis(a, 1, 3)
   if side == 1:
-    return split(p), split(sq)
-  return jnp.swapaxes(split(mp), -1, -2), split(sq)     # (blocks, H', W', d, block)
+    return split(f), split(sq)
+  return jnp.swapaxes(split(f), -1, -2), split(sq)     # (blocks, H', W', d, block)
 
 
 def _num_blocks(features) -> int:
@@ -771,6 +781,154 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None)
   return _mirror_upper(k) if x2 is None else k
 
 
+# --------------------------------------------------------------------------------------------
+# Learned metrics on many channels: patch features `F^T p`, formed once per kernel matrix.
+# --------------------------------------------------------------------------------------------
+
+# Images whose patches exist at a time while features are formed (16 images of 28 x 28
+# positions with d = 576 take 29 MB).
+_FEATURE_IMAGES = 16
+# Bytes of features (the column chunk's and one row chunk's) that `metric_kernel_matrix`
+# holds at a time.
+FEATURE_BYTES = 1 << 31
+# Row images per call in `metric_kernel_matrix`; column chunks are multiples of it. (Each
+# call lays the column features out in lanes; at 256 x 256 images with d = 576 on a 2-core
+# Xeon that took about 0.17 s of a 64-row call's 0.43 s and of a 256-row call's 1.2 s.)
+_FEATURE_ROWS = 128
+
+
+@jax.jit
+def metric_factor(metric: jax.Array) -> jax.Array:
+  """`F` `(d, d)` with `F F^T = M` for a symmetric PSD `M`: `U diag(sqrt(max(lambda, 0)))`.
+
+  Negative eigenvalues (rounding noise of a PSD metric) are clipped to zero, as in
+  `jconvrfm.sqrt_psd`. Unchecked: callers validate `M`.
+  """
+  lam, u = jnp.linalg.eigh((metric + metric.T) / 2)
+  return u * jnp.sqrt(jnp.maximum(lam, 0))
+
+
+def _metric_features(x, factor, q, padding, reduce=None):
+  """`(n, H', W', r)` features `F^T p` of every patch, `_FEATURE_IMAGES` images at a time.
+
+  With `F F^T = M`, `<F^T p, F^T p'> = p^T M p'`. `reduce` (optional) maps each chunk's
+  features before they are kept (e.g. to their squared norms).
+  """
+  n = x.shape[0]
+  chunk = min(n, _FEATURE_IMAGES)
+  xp = _pad_batch(x, chunk)
+
+  def one(xc):
+    t = patches_lib._patches(xc, q, 1, padding) @ factor  # pylint: disable=protected-access
+    return t if reduce is None else reduce(t)
+  out = jax.lax.map(one, xp.reshape((-1, chunk) + x.shape[1:]))
+  return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+_metric_features_jit = jax.jit(_metric_features, static_argnames=('q', 'padding', 'reduce'))
+
+
+@functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'channels', 'kind'))
+def _xla_feature_kernel(t1, t2, depth, q, padding, channels, kind):
+  """`(n1, n2)` kernel from features `(n, H', W', r)` (XLA tiles, as `_xla_conv_kernel`)."""
+  n1, n2 = t1.shape[0], t2.shape[0]
+  budget = (_TILE_ELEMENTS if jax.default_backend() == 'cpu' else
+            _TILE_ELEMENTS_ACCELERATOR)
+  b1, b2 = tile_shape(n1, n2, t1.shape[1] * t1.shape[2], budget)
+  b1, b2 = min(b1, n1), min(b2, n2)
+  t1p, t2p = _pad_batch(t1, b1), _pad_batch(t2, b2)
+  f1 = _split_features(t1p, jnp.sum(t1p * t1p, axis=-1), b1, side=1)
+  f2 = _split_features(t2p, jnp.sum(t2p * t2p, axis=-1), b2, side=2)
+  block = functools.partial(_fused_block_from_features, depth=depth, q=q, padding=padding,
+                            channels=channels, kind=kind)
+  return _tile_loop(block, f1, f2, n1, n2, b1, b2)
+
+
+@functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'channels', 'kind'))
+def _native_feature_rows(t1, cols, first_row, depth, q, padding, channels, kind):
+  return native.kernel_from_feature_columns(t1, cols, depth, q, padding, kind == Kind.NTK,
+                                            channels, first_row)
+
+
+def metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
+                         feature_bytes: int = FEATURE_BYTES) -> np.ndarray:
+  """Whole kernel matrix with a learned metric of large patch dimension, on the host.
+
+  The tiled paths form every tile's patches and `M p` again (`d x d` products per patch, for
+  each tile an image meets): at d = q^2 C = 576 (3 x 3 patches of 64 feature maps, a Deep
+  ConvRFM layer) that work is about 18 times the kernel's own in 63-image tiles. Here each
+  image's patch features `F^T p` (`F F^T = M`, `metric_factor`) are formed once per column
+  chunk: the column images' once, the row images' once per column chunk left of them. Layer
+  1's covariance is then the features' inner product, and the kernel is the identity-metric
+  kernel of the features with a 1 x 1 first window. Features take q^2 times the images'
+  memory (times r / C); at most `feature_bytes` of them are held at a time (the columns in
+  chunks of as many images as fit beside one `_FEATURE_ROWS`-image row chunk).
+
+  float32 on a CPU with the native library: the native pixel call on the features
+  (`native.kernel_from_feature_columns`; in a symmetric matrix only the 16-column blocks that
+  reach a row's diagonal, whose pairs take correlation 1 exactly); otherwise XLA tiles
+  (`_xla_feature_kernel`). `x2=None`: symmetric, only column chunks at or right of each row
+  chunk are computed and the upper triangle mirrored. `progress(done, total)` after each call.
+  Returns an `(n1, n2)` array of the images' dtype.
+  """
+  x2_ = x1 if x2 is None else x2
+  n1, n2 = x1.shape[0], x2_.shape[0]
+  out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
+  per_image = out_h * out_w * metric.shape[0] * x1.dtype.itemsize
+  rows = _FEATURE_ROWS
+  # Column chunks of equal size (one compiled program), whole 16-image lane blocks.
+  most = max(native.LANES, (feature_bytes // per_image - rows) // native.LANES * native.LANES)
+  chunks = -(-n2 // most)
+  size = -(-(-(-n2 // chunks)) // native.LANES) * native.LANES
+  use_native = (jax.default_backend() == 'cpu' and native.supports(x1.dtype) and
+                native.available())
+  static = dict(depth=depth, q=q, padding=padding, channels=x1.shape[-1], kind=kind)
+  features = functools.partial(_metric_features_jit, factor=metric_factor(metric), q=q,
+                               padding=padding)
+  # Per column chunk [c0, c1): row chunks of the row images (all of them; in a symmetric
+  # matrix those above the chunk, the last one cut at c0), then in a symmetric matrix the
+  # chunk's own images as rows, whose features are the columns'.
+  plan = []
+  for c0 in range(0, n2, size):
+    c1 = min(n2, c0 + size)
+    end = n1 if x2 is not None else c0
+    plan.append((c0, c1, [(r0, min(end, r0 + rows), False) for r0 in range(0, end, rows)] +
+                 ([(r0, min(c1, r0 + rows), True) for r0 in range(c0, c1, rows)]
+                  if x2 is None else [])))
+  total = sum(len(r) for _, _, r in plan)
+  k = np.zeros((n1, n2), x1.dtype)
+  done = 0
+  for c0, c1, row_chunks in plan:
+    t2 = features(_pad_batch(x2_[c0:c1], size))
+    cols = native.feature_columns(t2) if use_native else t2
+    for r0, r1, diagonal in row_chunks:
+      t1 = (_pad_batch(t2[r0 - c0:r1 - c0], rows) if diagonal else
+            features(_pad_batch(x1[r0:r1], rows)))
+      if use_native:
+        first = jnp.asarray(r0 - c0 if diagonal else -1, jnp.int32)
+        block = _native_feature_rows(t1, cols, first, **static)
+      else:
+        block = _xla_feature_kernel(t1, t2, **static)
+      k[r0:r1, c0:c1] = np.asarray(block)[:r1 - r0, :c1 - c0]
+      done += 1
+      if progress is not None:
+        progress(done, total)
+  return _mirror_upper(k) if x2 is None else k
+
+
+def whole_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None):
+  """A kernel matrix by a path that needs no tiles, or None where none applies.
+
+  The native custom call (`native_kernel_matrix`), else for a learned metric of patch
+  dimension above 64 the patch features (`metric_kernel_matrix`, any backend). Callers tile
+  (`tiling.kernel_matrix`) where this returns None.
+  """
+  k = native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress)
+  if k is None and metric is not None and metric.shape[0] > _MAX_PRECOMPUTED_PATCH_DIM:
+    k = metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress)
+  return k
+
+
 @functools.partial(jax.jit,
                    static_argnames=('depth', 'q', 'padding', 'kind', 'tile'))
 def fused_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile=None):
@@ -814,6 +972,11 @@ def _xla_conv_kernel(x1, x2, metric, depth, q, padding, kind, tile):
     f1 = x1p.reshape((-1, b1) + x1.shape[1:])
     f2 = x2p.reshape((-1, b2) + x2.shape[1:])
     block = lambda a, b: _fused_block(a, b, metric, depth, q, padding, kind)
+  return _tile_loop(block, f1, f2, n1, n2, b1, b2)
+
+
+def _tile_loop(block, f1, f2, n1, n2, b1, b2):
+  """`(n1, n2)` from `block(f1[i], f2[j]) -> (b1, b2)` over the leading block axes."""
   if (b1, b2) == (n1, n2):
     return block(jax.tree.map(lambda a: a[0], f1), jax.tree.map(lambda a: a[0], f2))
 

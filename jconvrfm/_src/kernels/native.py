@@ -69,7 +69,9 @@ LANES = 16  # column images per vector block (kLanes in the source)
 # ConvRFM final layer into 1891 tiles of 13+ minutes, where the XLA path took minutes. Up to
 # this bound (the XLA path's own bound for precomputing patches) the measured cases run 2-5x
 # the XLA path. Above it, kernels with the identity metric take the pixel call
-# (`from_pixels`), whose operands are the images themselves.
+# (`from_pixels`), whose operands are the images themselves, and whole kernel matrices with a
+# learned metric take it on patch features (`kernel_from_feature_columns`, formed once per
+# matrix by `fused.metric_kernel_matrix`).
 MAX_PATCH_DIM = 64
 # Row images and 16-column blocks per tile of the pixel call's per-pixel Grams (performance
 # only; see WORKSPACE.md, "Native kernel from pixels").
@@ -318,7 +320,7 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
     sq1 = _pixel_self_grams(x1, q, padding).reshape(n1, -1)
     return call(x1.reshape(n1, h0 * w0, c), sq1, cols.reshape(cols.shape[0], h0 * w0, c), sq2,
                 first, height=np.int64(h0), width=np.int64(w0), row_tile=np.int64(row_tile),
-                group=np.int64(group), **attrs)
+                group=np.int64(group), first_q=np.int64(q), **attrs)
   p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
   _, h, w, d = p1.shape
   mp1 = p1 if metric is None else p1 @ metric
@@ -326,6 +328,47 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
   call = jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')
   return call(p1.reshape(n1, h * w, d), sq1, cols, sq2, first, height=np.int64(h),
               width=np.int64(w), **attrs)
+
+
+def feature_columns(t2: jax.Array):
+  """The column operands of `kernel_from_feature_columns`: features and their squared norms.
+
+  `t2` `(n2, H', W', r)` as it is (uncopied), and `(blocks, H' W', 16)` squared norms.
+  """
+  n2 = t2.shape[0]
+  return t2, _lane_blocks(jnp.sum(t2 * t2, axis=-1).reshape(n2, -1))
+
+
+def kernel_from_feature_columns(t1: jax.Array, cols, depth: int, q: int,
+                                padding: checks.Padding, ntk: bool, channels: int,
+                                first_row: Optional[jax.Array] = None,
+                                row_tile: int = PIXEL_ROW_TILE,
+                                group: int = PIXEL_GROUP) -> jax.Array:
+  """Unchecked float32 kernel `(n1, 16 blocks)` from per-position patch features.
+
+  `t1` `(n1, H', W', r)` and `cols = feature_columns(t2)` hold features `F^T p` of every
+  layer-1 position's patch, with `F F^T = M` (`fused.metric_factor`), so that layer 1's
+  covariance is their inner product `p^T M p'`: the pixel call with a 1 x 1 first window on
+  the `H' x W'` grid, then the recursion with q x q windows and `padding`. `channels`: the
+  images' channels c (layer 1 divides by it). `first_row`, `row_tile`, `group` as in
+  `kernel_from_columns`. Requires `available()`; columns past the real images are zero.
+  """
+  _require()
+  if row_tile < 1 or group < 1:
+    raise ValueError(f'kernel_from_feature_columns: row_tile and group must be positive, got '
+                     f'{row_tile} and {group}.')
+  cols, sq2 = cols
+  n1, h, w, r = t1.shape
+  first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
+  out = jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32)
+  call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
+  sq1 = jnp.sum(t1 * t1, axis=-1).reshape(n1, h * w)
+  return call(t1.reshape(n1, h * w, r), sq1, cols.reshape(cols.shape[0], h * w, r), sq2,
+              first, height=np.int64(h), width=np.int64(w), q=np.int64(q),
+              depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
+              inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
+              threads=np.int64(threads()), row_tile=np.int64(row_tile),
+              group=np.int64(group), first_q=np.int64(1))
 
 
 def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,

@@ -589,6 +589,9 @@ ffi::Error FusedCntkImpl(ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::F32> sq1,
 // image's once per group, then each pair block's window sum and recursion run as in `Pair`.
 // Each worker lays its current group's column images out lanes-minor in a buffer of its own,
 // so the caller passes the images as they are (no copy of them all in lane layout).
+// `first_q` is layer 1's window (q for images); 1 for per-position patch features `F^T p`
+// with `F F^T = M` (a learned metric on many channels), whose inner products are layer 1's
+// covariances on a grid that already is layer 1's.
 
 struct PixelProblem {
   Problem pb;              // the recursion (pb.p1, pb.mp2, pb.d unused)
@@ -700,7 +703,7 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
                                ffi::Buffer<ffi::S32> first_row, ffi::ResultBuffer<ffi::F32> out,
                                int64_t height, int64_t width, int64_t q, int64_t depth,
                                int64_t padding, float inv_channels, bool ntk, int64_t threads,
-                               int64_t row_tile, int64_t group) {
+                               int64_t row_tile, int64_t group, int64_t first_q) {
   const auto x1_dims = x1.dimensions();
   const auto x2_dims = x2.dimensions();
   if (x1_dims.size() != 3 || x2_dims.size() != 3 || x1_dims[1] != x2_dims[1] ||
@@ -708,13 +711,17 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
     return ffi::Error::InvalidArgument(
         "fused_cntk_pixels: x1 must be (n1, H W, C), x2 (n2, H W, C)");
   }
-  if (depth < 1 || q < 1 || padding < 0 || padding > 2 || row_tile < 1 || group < 1) {
+  if (depth < 1 || q < 1 || first_q < 1 || padding < 0 || padding > 2 || row_tile < 1 ||
+      group < 1) {
     return ffi::Error::InvalidArgument("fused_cntk_pixels: bad depth, q, padding or tiles");
   }
   const Padding pad_mode = static_cast<Padding>(padding);
   const int h_in = static_cast<int>(height), w_in = static_cast<int>(width);
-  const int h1 = pad_mode == kValid ? h_in - static_cast<int>(q) + 1 : h_in;
-  const int w1 = pad_mode == kValid ? w_in - static_cast<int>(q) + 1 : w_in;
+  // Layer 1 sums first_q x first_q windows of the per-pixel Grams (q for images; 1 for
+  // per-position patch features, whose grid already is layer 1's), later layers q x q.
+  const int fq = static_cast<int>(first_q);
+  const int h1 = pad_mode == kValid ? h_in - fq + 1 : h_in;
+  const int w1 = pad_mode == kValid ? w_in - fq + 1 : w_in;
   if (h1 < 1 || w1 < 1) {
     return ffi::Error::InvalidArgument("fused_cntk_pixels: the image is too small for this depth");
   }
@@ -727,9 +734,9 @@ ffi::Error FusedCntkPixelsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> s
           "fused_cntk_pixels: the image is too small for this depth");
     }
   }
-  const int pad = pad_mode == kValid ? 0 : (static_cast<int>(q) - 1) / 2;
-  pp.sum_h = WindowGather(static_cast<int>(q), pad_mode, pad, h_in, h1, false);
-  pp.sum_w = WindowGather(static_cast<int>(q), pad_mode, pad, w_in, w1, false);
+  const int pad = pad_mode == kValid ? 0 : (fq - 1) / 2;
+  pp.sum_h = WindowGather(fq, pad_mode, pad, h_in, h1, false);
+  pp.sum_w = WindowGather(fq, pad_mode, pad, w_in, w1, false);
   const int p0 = pb.g.positions(0);
   const auto count = [](const auto& buffer) {
     return static_cast<int64_t>(buffer.element_count());
@@ -1367,7 +1374,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkPixelsF32, FusedCntkPixelsImpl,
                                   .Attr<bool>("ntk")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("row_tile")
-                                  .Attr<int64_t>("group"));
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("first_q"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkGradsF32, FusedCntkGradsImpl,
                               ffi::Ffi::Bind()
