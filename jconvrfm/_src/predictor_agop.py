@@ -574,7 +574,10 @@ def _feature_block_sizes(n, s, positions, classes, r, train_block, z_block):
     z_block = max(1, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * r))
   z_block = min(checks.check_positive_int(z_block, 'z_block'), s)
   if train_block is None:
-    train_block = max(16, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * z_block))
+    # Bounds both the weighted gradients and the block's position-major copies of the
+    # training features (`H' W' m r` each, two per call).
+    train_block = max(16, min(_FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * z_block),
+                              _FEATURE_BLOCK_ELEMENTS // max(1, positions * r)))
   train_block = min(checks.check_positive_int(train_block, 'train_block'), n)
   return tiling.balanced_block(n, train_block), tiling.balanced_block(s, z_block)
 
@@ -610,6 +613,11 @@ def _masked_feature_outer_sum(w_acc, coef, tz, valid):
   return v.T @ v
 
 
+@jax.jit
+def _squared_norms(t):
+  return jnp.sum(t * t, axis=-1)   # fused: no copy of `t * t` (eager, it would be one)
+
+
 def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_block,
                       z_block, progress, devices):
   """`F (sum_{z, c, p} w w^T) F^T` for a kernel with a hand-written reverse pass.
@@ -639,11 +647,11 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
     return fused._metric_features_jit(x, factor, q=q, padding=padding)  # pylint: disable=protected-access
 
   tx = features(_pad_axis0(x_train, n_pad))
-  sqx = jnp.sum(tx * tx, axis=-1)
+  sqx = _squared_norms(tx)
   alpha = _pad_axis0(alpha, n_pad)
   if idx is None:
     tz_all = features(_pad_axis0(z, s_pad))
-    sqz_all = jnp.sum(tz_all * tz_all, axis=-1)
+    sqz_all = _squared_norms(tz_all)
     idx = np.full(s_pad, -1)
   else:
     tz_all = sqz_all = None

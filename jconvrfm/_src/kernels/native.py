@@ -330,13 +330,17 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
               width=np.int64(w), **attrs)
 
 
+@jax.jit
+def _feature_columns_sq(t2):
+  return _lane_blocks(jnp.sum(t2 * t2, axis=-1).reshape(t2.shape[0], -1))
+
+
 def feature_columns(t2: jax.Array):
   """The column operands of `kernel_from_feature_columns`: features and their squared norms.
 
   `t2` `(n2, H', W', r)` as it is (uncopied), and `(blocks, H' W', 16)` squared norms.
   """
-  n2 = t2.shape[0]
-  return t2, _lane_blocks(jnp.sum(t2 * t2, axis=-1).reshape(n2, -1))
+  return t2, _feature_columns_sq(t2)
 
 
 def kernel_from_feature_columns(t1: jax.Array, cols, depth: int, q: int,
