@@ -498,9 +498,10 @@ def test_pixel_kernel_derivatives_go_through_the_xla_path():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('padding', ['VALID', 'SAME', 'CIRCULAR'])
-@pytest.mark.parametrize('kind', ['ntk', 'nngp'])
-@pytest.mark.parametrize('q,depth,channels', [(3, 2, 8), (2, 3, 17), (3, 1, 9)])
+# Every padding with both kinds, each shape twice (the calls share all code across them).
+@pytest.mark.parametrize('padding,kind,q,depth,channels', [
+    ('VALID', 'ntk', 3, 2, 8), ('SAME', 'nngp', 3, 2, 8), ('CIRCULAR', 'ntk', 2, 3, 17),
+    ('VALID', 'nngp', 2, 3, 17), ('SAME', 'ntk', 3, 1, 9), ('CIRCULAR', 'nngp', 3, 1, 9)])
 def test_feature_kernel_matrix_equals_float64_reference(padding, kind, q, depth, channels):
   rng = np.random.default_rng(2000 + q * 100 + depth * 10 + channels)
   d = q * q * channels

@@ -920,11 +920,15 @@ def whole_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None):
   """A kernel matrix by a path that needs no tiles, or None where none applies.
 
   The native custom call (`native_kernel_matrix`), else for a learned metric of patch
-  dimension above 64 the patch features (`metric_kernel_matrix`, any backend). Callers tile
-  (`tiling.kernel_matrix`) where this returns None.
+  dimension above 64 the patch features (`metric_kernel_matrix`) in a single process on a CPU
+  or a single accelerator. Callers tile (`tiling.kernel_matrix`) where this returns None,
+  which spreads the tiles over several accelerators or hosts.
   """
   k = native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress)
-  if k is None and metric is not None and metric.shape[0] > _MAX_PRECOMPUTED_PATCH_DIM:
+  single = jax.process_count() == 1 and (jax.default_backend() == 'cpu' or
+                                         jax.local_device_count() == 1)
+  if (k is None and single and metric is not None and
+      metric.shape[0] > _MAX_PRECOMPUTED_PATCH_DIM):
     k = metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress)
   return k
 
