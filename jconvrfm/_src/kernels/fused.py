@@ -791,9 +791,9 @@ _FEATURE_IMAGES = 16
 # Bytes of features (the column chunk's and one row chunk's) that `metric_kernel_matrix`
 # holds at a time.
 FEATURE_BYTES = 1 << 31
-# Row images per call in `metric_kernel_matrix`; column chunks are multiples of it. (Each
-# call lays the column features out in lanes; at 256 x 256 images with d = 576 on a 2-core
-# Xeon that took about 0.17 s of a 64-row call's 0.43 s and of a 256-row call's 1.2 s.)
+# Row images per call in `metric_kernel_matrix`. (Each call lays the column features out in
+# lanes; at 256 column images with d = 576 on a 2-core Xeon that took about 0.17 s of a
+# 64-row call's 0.43 s and of a 256-row call's 1.2 s.)
 _FEATURE_ROWS = 128
 
 
