@@ -75,3 +75,24 @@ def time_and_report(call: Callable[[], Any], repeats: int, out: str, **fields) -
   print(json.dumps({'median_s': float(np.median(times)), 'compile_s': compile_s,
                     'maxrss_mb': host_peak_mb(), 'finite': bool(np.all(np.isfinite(result))),
                     'device': str(jax.devices()[0].device_kind), **fields}))
+
+
+def run_paths(module: str, spec: Dict[str, Any], paths: Sequence[str], tmp: str,
+              env: Optional[Callable[[str], Dict[str, str]]] = None) -> Dict[str, Dict[str, Any]]:
+  """`run_worker` once per path of one phase: `{path: worker result + its float64 'result'}`.
+
+  Each worker gets `spec` plus `path` and an `out` file in `tmp` (for `time_and_report`);
+  `env(path)` adds to its environment.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  res = {}
+  for path in paths:
+    full = dict(spec, path=path, out=os.path.join(tmp, f'{spec["phase"]}_{path}.npy'))
+    res[path] = run_worker(module, full, env=None if env is None else env(path))
+    res[path]['result'] = np.load(full['out']).astype(np.float64)
+  return res
+
+
+def without_results(res: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+  """`run_paths`'s results without the arrays (for `results.json`)."""
+  return {path: {k: v for k, v in r.items() if k != 'result'} for path, r in res.items()}

@@ -23,7 +23,6 @@ diagonal goes through the arccos kink at angle 0). About 4 minutes on a 2-core C
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -87,12 +86,10 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     for phase in FLAGS.phases:
       n = {'kernel': FLAGS.kernel_n, 'agop': FLAGS.agop_n}[phase]
-      res = {}
-      for path in ('features', 'patches'):
-        spec = dict(phase=phase, path=path, n=n, channels=FLAGS.channels, size=FLAGS.size,
-                    repeats=FLAGS.repeats, out=os.path.join(tmp, f'{phase}_{path}.npy'))
-        res[path] = benchmarks.run_worker('experiments.benchmarks.deep_layer_benchmark', spec)
-        res[path]['result'] = np.load(spec['out']).astype(np.float64)
+      res = benchmarks.run_paths(
+          'experiments.benchmarks.deep_layer_benchmark',
+          dict(phase=phase, n=n, channels=FLAGS.channels, size=FLAGS.size,
+               repeats=FLAGS.repeats), ('features', 'patches'), tmp)
       got, want = res['features']['result'], res['patches']['result']
       if phase == 'kernel':
         off = ~np.eye(n, dtype=bool)
@@ -117,7 +114,7 @@ def main(argv):
   if FLAGS.workdir:
     benchmarks.write_results(FLAGS.workdir, {'repeats': FLAGS.repeats, 'device': device, 'rows': [
         dict(phase=phase, n=n, rel_diff=diff,
-             **{path: {k: v for k, v in r.items() if k != 'result'} for path, r in res.items()})
+             **benchmarks.without_results(res))
         for phase, n, res, diff in rows]})
 
 

@@ -24,7 +24,6 @@ between the two paths' results (same inputs, same seed). About 3 minutes on a 2-
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -73,11 +72,6 @@ def _worker(spec):
                              native=bool(native.available()))
 
 
-def _run(spec, native_on):
-  return benchmarks.run_worker('experiments.benchmarks.native_benchmark', spec,
-                               env={'JCONVRFM_NATIVE': '1' if native_on else '0'})
-
-
 def main(argv):
   del argv
   if FLAGS.worker:
@@ -89,12 +83,10 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     for phase in FLAGS.phases:
       n = {'kernel': FLAGS.kernel_n, 'agop': FLAGS.agop_n, 'pixels': FLAGS.pixels_n}[phase]
-      res = {}
-      for path, on in (('native', True), ('xla', False)):
-        spec = dict(phase=phase, n=n, repeats=FLAGS.repeats,
-                    out=os.path.join(tmp, f'{phase}_{path}.npy'))
-        res[path] = _run(spec, on)
-        res[path]['result'] = np.load(spec['out']).astype(np.float64)
+      res = benchmarks.run_paths(
+          'experiments.benchmarks.native_benchmark',
+          dict(phase=phase, n=n, repeats=FLAGS.repeats), ('native', 'xla'), tmp,
+          env=lambda path: {'JCONVRFM_NATIVE': '1' if path == 'native' else '0'})
       diff = (np.linalg.norm(res['native']['result'] - res['xla']['result']) /
               np.linalg.norm(res['xla']['result']))
       rows.append((phase, n, res, diff))
@@ -120,7 +112,7 @@ def main(argv):
   if FLAGS.workdir:
     benchmarks.write_results(FLAGS.workdir, {'repeats': FLAGS.repeats, 'device': device, 'rows': [
         dict(phase=phase, n=n, rel_diff=float(diff),
-             **{path: {k: v for k, v in r.items() if k != 'result'} for path, r in res.items()})
+             **benchmarks.without_results(res))
         for phase, n, res, diff in rows]})
 
 

@@ -309,38 +309,55 @@ def kernel_from_columns(x1: jax.Array, cols, metric: Optional[jax.Array], depth:
   if row_tile < 1 or group < 1:
     raise ValueError(f'kernel_from_columns: row_tile and group must be positive, got '
                      f'{row_tile} and {group}.')
-  cols, sq2 = cols
-  n1, h0, w0, c = x1.shape
-  first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
-  attrs = dict(q=np.int64(q), depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
-               inv_channels=np.float32(1.0 / c), ntk=bool(ntk), threads=np.int64(threads()))
-  out = jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32)
+  c = x1.shape[-1]
   if from_pixels(metric, q, c):
-    call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
-    sq1 = _pixel_self_grams(x1, q, padding).reshape(n1, -1)
-    return call(x1.reshape(n1, h0 * w0, c), sq1, cols.reshape(cols.shape[0], h0 * w0, c), sq2,
-                first, height=np.int64(h0), width=np.int64(w0), row_tile=np.int64(row_tile),
-                group=np.int64(group), first_q=np.int64(q), **attrs)
+    return _pixel_call(x1, cols, q, q, depth, padding, ntk, c, first_row, row_tile, group)
+  cols, sq2 = cols
+  n1 = x1.shape[0]
   p1 = patches_lib._patches(x1, q, 1, padding)  # pylint: disable=protected-access
   _, h, w, d = p1.shape
   mp1 = p1 if metric is None else p1 @ metric
   sq1 = jnp.sum(p1 * mp1, axis=-1).reshape(n1, h * w)
-  call = jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')
-  return call(p1.reshape(n1, h * w, d), sq1, cols, sq2, first, height=np.int64(h),
-              width=np.int64(w), **attrs)
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32),
+                          vmap_method='sequential')
+  return call(p1.reshape(n1, h * w, d), sq1, cols, sq2, _first_row(first_row),
+              height=np.int64(h), width=np.int64(w), q=np.int64(q), depth=np.int64(depth),
+              padding=np.int64(_PADDING_CODES[padding]), inv_channels=np.float32(1.0 / c),
+              ntk=bool(ntk), threads=np.int64(threads()))
 
 
-@jax.jit
-def _feature_columns_sq(t2):
-  return _lane_blocks(jnp.sum(t2 * t2, axis=-1).reshape(t2.shape[0], -1))
+def _first_row(first_row) -> jax.Array:
+  return jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
+
+
+def _pixel_call(x1, cols, first_q, q, depth, padding, ntk, channels, first_row, row_tile,
+                group):
+  """The pixel call: layer 1 sums `first_q` x `first_q` windows of per-pixel Grams.
+
+  `x1` `(n1, H, W, C)` and `cols = (x2, sq2)` as `columns` / `feature_columns` give them;
+  `channels`: the images' channels (layer 1 divides by it).
+  """
+  cols, sq2 = cols
+  n1, h, w, c = x1.shape
+  sq1 = _pixel_self_grams(x1, first_q, padding).reshape(n1, -1)
+  call = jax.ffi.ffi_call(PIXELS_TARGET,
+                          jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32),
+                          vmap_method='sequential')
+  return call(x1.reshape(n1, h * w, c), sq1, cols.reshape(cols.shape[0], h * w, c), sq2,
+              _first_row(first_row), height=np.int64(h), width=np.int64(w), q=np.int64(q),
+              depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
+              inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
+              threads=np.int64(threads()), row_tile=np.int64(row_tile),
+              group=np.int64(group), first_q=np.int64(first_q))
 
 
 def feature_columns(t2: jax.Array):
   """The column operands of `kernel_from_feature_columns`: features and their squared norms.
 
-  `t2` `(n2, H', W', r)` as it is (uncopied), and `(blocks, H' W', 16)` squared norms.
+  `t2` `(n2, H', W', r)` as it is (uncopied), and `(blocks, H' W', 16)` squared norms (the
+  pixel call's self Grams with a 1 x 1 window, for which the padding does not matter).
   """
-  return t2, _feature_columns_sq(t2)
+  return t2, _pixel_columns_sq(t2, 1, checks.Padding.VALID)
 
 
 def kernel_from_feature_columns(t1: jax.Array, cols, depth: int, q: int,
@@ -361,18 +378,7 @@ def kernel_from_feature_columns(t1: jax.Array, cols, depth: int, q: int,
   if row_tile < 1 or group < 1:
     raise ValueError(f'kernel_from_feature_columns: row_tile and group must be positive, got '
                      f'{row_tile} and {group}.')
-  cols, sq2 = cols
-  n1, h, w, r = t1.shape
-  first = jnp.asarray(-1 if first_row is None else first_row, jnp.int32)
-  out = jax.ShapeDtypeStruct((n1, sq2.shape[0] * LANES), jnp.float32)
-  call = jax.ffi.ffi_call(PIXELS_TARGET, out, vmap_method='sequential')
-  sq1 = jnp.sum(t1 * t1, axis=-1).reshape(n1, h * w)
-  return call(t1.reshape(n1, h * w, r), sq1, cols.reshape(cols.shape[0], h * w, r), sq2,
-              first, height=np.int64(h), width=np.int64(w), q=np.int64(q),
-              depth=np.int64(depth), padding=np.int64(_PADDING_CODES[padding]),
-              inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
-              threads=np.int64(threads()), row_tile=np.int64(row_tile),
-              group=np.int64(group), first_q=np.int64(1))
+  return _pixel_call(t1, cols, 1, q, depth, padding, ntk, channels, first_row, row_tile, group)
 
 
 def kernel(x1: jax.Array, x2: jax.Array, metric: Optional[jax.Array], depth: int, q: int,
