@@ -506,6 +506,42 @@ def test_metric_factor_reproduces_the_metric():
   tolerances.assert_rel_fro(f @ f.T, metric, 1e-13, 'F F^T')
 
 
+@pytest.mark.parametrize('dtype,eps', [(np.float64, 2.2e-16), (np.float32, 1.2e-7)])
+def test_reduced_metric_factor_keeps_the_numerical_rank(dtype, eps):
+  # Eigenvalues spread over 1 .. 1e-3 (rank 40), 8 below `eps lambda_max` and 24 zero: the
+  # reduced factor keeps the 40 (or 48 with the 8 where they are above float64's eps),
+  # rounded up to 64 columns, and reproduces the float64 metric within `eps lambda_max`
+  # plus the rounding of its dtype. A full-rank metric keeps all of d.
+  rng = np.random.default_rng(34)
+  u, _ = np.linalg.qr(rng.normal(size=(72, 72)))
+  lam = np.concatenate([np.logspace(0, -3, 40), np.full(8, 1e-9), np.zeros(24)])
+  metric = (u * lam) @ u.T
+  f = fused.metric_factor_reduced(jnp.asarray(metric, dtype))
+  assert f.shape == (72, 64) and f.dtype == dtype
+  err = np.linalg.norm(np.asarray(f, np.float64) @ np.asarray(f, np.float64).T - metric, 2)
+  assert err <= 1e-9 + 50 * eps, err
+  assert fused.metric_factor_reduced(_random_psd(rng, 72, dtype)).shape == (72, 72)
+  # Rank 50 keeps 64 columns; rank 65 would round up to 96, past d: kept at d.
+  assert fused.metric_factor_reduced(_random_psd(rng, 72, dtype, rank=50)).shape == (72, 64)
+  assert fused.metric_factor_reduced(_random_psd(rng, 72, dtype, rank=65)).shape == (72, 72)
+
+
+def test_metric_kernel_matrix_with_low_rank_metric_equals_explicit_patch_grams():
+  # Rank 20 of d = 72: the features have 32 columns. Against explicit `p^T M p'` Grams.
+  rng = np.random.default_rng(35)
+  x, y = _images(rng, 21, 7, 6, 8), _images(rng, 9, 7, 6, 8)
+  metric = _random_psd(rng, 72, rank=20)
+  args = (2, 3, jconvrfm.Padding.SAME, fused.Kind.NTK)
+  for a, b in ((x, None), (x, y)):
+    g12, s1, s2 = fused.patch_grams(a, a if b is None else b, patch_size=3, padding='SAME',
+                                    metric=metric)
+    want = np.asarray(fused.conv_kernel_from_grams(g12, s1, s2, depth=2, patch_size=3,
+                                                   padding='SAME', channels=8))
+    got = fused.metric_kernel_matrix(a, b, metric, *args)
+    off = ~np.eye(*want.shape, dtype=bool)
+    tolerances.assert_rel_fro(got[off], want[off], 1e-12, 'low-rank metric')
+
+
 @pytest.mark.parametrize('padding', PADDINGS)
 @pytest.mark.parametrize('kind', ['ntk', 'nngp'])
 def test_metric_kernel_matrix_equals_explicit_patch_grams(padding, kind):

@@ -48,14 +48,15 @@ def brute_force_agop(kernel_from_grams, x, alpha, z, q, padding, metric, z_indic
   return g / z.shape[0]
 
 
-def _problem(seed, n=5, s=3, size=6, channels=2, classes=3, q=3, with_metric=True):
+def _problem(seed, n=5, s=3, size=6, channels=2, classes=3, q=3, with_metric=True,
+             rank=None):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.uniform(size=(n, size, size, channels)))
   z = jnp.asarray(rng.uniform(size=(s, size, size, channels)))
   alpha = jnp.asarray(rng.normal(size=(n, classes)))
   d = q * q * channels
   if with_metric:
-    f = rng.normal(size=(d, d))
+    f = rng.normal(size=(d, rank or d))
     metric = jnp.asarray(f @ f.T / d)
   else:
     metric = jnp.eye(d)
@@ -323,6 +324,25 @@ def test_feature_path_matches_brute_force(padding, kind, with_metric):
   got = pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, patch_size=3,
                                      padding=padding, metric=metric, train_block=4, z_block=3)
   tolerances.assert_rel_fro(got, want, 1e-6, f'features z_indices {padding} {kind}')
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
+def test_feature_path_with_low_rank_metric_matches_brute_force(dtype):
+  # A rank-20 metric of d = 72: the features path keeps 32 columns of `F`
+  # (`fused.metric_factor_reduced`), every contraction and outer sum in that width. Against
+  # the float64 brute force on the full metric; float32 within its rounding.
+  from jconvrfm._src import checks  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import fused  # pylint: disable=g-import-not-at-top
+  x, alpha, z, metric = _problem(12, n=7, s=4, size=6, channels=8, rank=20)
+  assert fused.metric_factor_reduced(metric).shape == (72, 32)
+  kernel = fused.GramConvKernel(2, 3, checks.Padding.SAME, 8)
+  want = brute_force_agop(lambda g, s1, s2: kernel(g, s1, s2), x, alpha, z, 3, 'SAME', metric)
+  cast = lambda a: jnp.asarray(a, dtype)
+  got = pa.predictor_agop_from_grams(kernel, cast(x), cast(alpha), cast(z), patch_size=3,
+                                     padding='SAME', metric=cast(metric), train_block=4,
+                                     z_block=3)
+  assert got.dtype == dtype and got.shape == (72, 72)
+  tolerances.assert_rel_fro(got, want, 1e-6 if dtype == np.float64 else 1e-4, 'low rank')
 
 
 def test_feature_path_blocks_and_devices_do_not_change_result():

@@ -20,6 +20,9 @@ Frobenius difference between the two results (off the diagonal for the kernel, w
 diagonal goes through the arccos kink at angle 0). About 4 minutes on a 2-core CPU:
 
   python -m experiments.benchmarks.deep_layer_benchmark
+
+`--metric_rank=88` gives the metric the rank of a third-round learned metric: the features
+path then keeps 96 columns of `F` (`fused.metric_factor_reduced`), the patches path all 576.
 """
 
 import json
@@ -34,6 +37,10 @@ flags.DEFINE_integer('kernel_n', 200, 'Images per side of the timed kernel matri
 flags.DEFINE_integer('agop_n', 160, 'Training images (= samples) of the timed AGOP.')
 flags.DEFINE_integer('channels', 64, 'Feature maps (d = 9 * channels).')
 flags.DEFINE_integer('size', 30, 'Height and width of the feature maps.')
+flags.DEFINE_integer('metric_rank', 0,
+                     'Rank of the random PSD metric (0: full, d). Learned metrics are far from '
+                     'full rank (the third round of the Deep ConvRFM protocol: 88 and 252 of '
+                     '576); the features path then works in that many columns.')
 flags.DEFINE_integer('repeats', 2, 'Timed calls after compilation (median reported).')
 flags.DEFINE_list('phases', ['kernel', 'agop'], 'Phases to time.')
 flags.DEFINE_string('workdir', None, 'If set, write results.json there (every row).')
@@ -54,7 +61,7 @@ def _worker(spec):
   n, c, size = spec['n'], spec['channels'], spec['size']
   maps = jnp.asarray(np.maximum(rng.normal(size=(n, size, size, c)), 0.0), jnp.float32)
   d = 9 * c
-  a = rng.normal(size=(d, d)) / np.sqrt(d)
+  a = rng.normal(size=(d, spec['metric_rank'] or d)) / np.sqrt(d)
   metric = a @ a.T
   metric = jnp.asarray(metric / np.linalg.norm(metric), jnp.float32)
   pad, kind = checks.Padding.VALID, fused.Kind.NTK
@@ -89,7 +96,8 @@ def main(argv):
       res = benchmarks.run_paths(
           'experiments.benchmarks.deep_layer_benchmark',
           dict(phase=phase, n=n, channels=FLAGS.channels, size=FLAGS.size,
-               repeats=FLAGS.repeats), ('features', 'patches'), tmp)
+               metric_rank=FLAGS.metric_rank, repeats=FLAGS.repeats),
+          ('features', 'patches'), tmp)
       got, want = res['features']['result'], res['patches']['result']
       if phase == 'kernel':
         off = ~np.eye(n, dtype=bool)
@@ -98,7 +106,8 @@ def main(argv):
       rows.append((phase, n, res, diff))
   device = rows[0][2]['features']['device']
   print(f'\nDeep ConvRFM layer with a learned metric: {FLAGS.size}x{FLAGS.size}x{FLAGS.channels} '
-        f'ReLU maps, q = 3 (d = {9 * FLAGS.channels}), depth 2, NTK, VALID, float32, median of '
+        f'ReLU maps, q = 3 (d = {9 * FLAGS.channels}), metric of rank '
+        f'{FLAGS.metric_rank or 9 * FLAGS.channels}, depth 2, NTK, VALID, float32, median of '
         f'{FLAGS.repeats} after compilation; device: {device}')
   header = (f'{"phase":<8}{"n":>6}{"features s":>12}{"patches s":>11}{"patches/features":>18}'
             f'{"max RSS MB (feat/patch)":>25}{"rel. diff":>11}')

@@ -37,12 +37,15 @@ the reverse passes of the symmetric XLA path) and is still 1.5-1.6x faster than 
 Xeon (see WORKSPACE.md); float64, accelerators and several devices keep the XLA paths.
 
 Past `FEATURE_MIN_DIM` (patch dimension 64; Deep ConvRFM layers on many feature maps) such a
-kernel's AGOP works on patch features `t = F^T p` with `F F^T = M` (`fused.metric_factor`):
-their inner products are the patch Grams, and `M v = F w` with `w` the same sum over features,
-so `G = F (sum w w^T) F^T / s`. The contraction takes the (sample, class) pairs as rows, so
+kernel's AGOP works on patch features `t = F^T p` with `F F^T = M`
+(`fused.metric_factor_reduced`, `r` columns, `M`'s numerical rank): their inner products are
+the patch Grams, and `M v = F w` with `w` the same sum over features, so
+`G = F (sum w w^T) F^T / s`. The contraction takes the (sample, class) pairs as rows, so
 no class-weighted copy of the training patches (`classes` times their memory) is formed and
-only the training features are held: on 160 images of 30 x 30 x 64 feature maps a Deep
-ConvRFM run's peak memory went from 12.2 to 3.2 GB (2-core Xeon, 2026-11-29).
+only the training features are held, positions leading: on 160 images of 30 x 30 x 64
+feature maps a Deep ConvRFM run's peak memory went from 12.2 to 3.2 GB (2-core Xeon,
+2026-11-29). Every cost of this path scales with `r`, and learned metrics are far from full
+rank (see `metric_factor_reduced`).
 
 Generic path (`predictor_agop_autodiff`): any kernel defined on explicit patch tensors (for
 example a neural-tangents stax kernel fed with expanded patch images), differentiated with
@@ -338,19 +341,39 @@ def _hand_written_grads(kernel, tile_cols: int, pz: jax.Array, sqz: jax.Array, m
     `A = dK/dgram` `(H', W', b, m)`, the updated `coef`, and `B_x = dK/dsq(x)` (same shape as
     `A`) if `scratch` has two buffers.
   """
-  m, h, w, _ = mpx.shape
-  b = pz.shape[0]
-  mpx_t = jnp.transpose(mpx, (1, 2, 3, 0))                 # (H, W, d, m)
-  sqx_t = jnp.transpose(sqx, (1, 2, 0))                    # (H, W, m)
-  pz_t = jnp.transpose(pz, (1, 2, 0, 3))                   # (H, W, b, d)
-  sqz_t = jnp.transpose(sqz, (1, 2, 0))                    # (H, W, b)
+  return _hand_written_grads_pm(
+      kernel, tile_cols, jnp.transpose(pz, (1, 2, 0, 3)), jnp.transpose(sqz, (1, 2, 0)),
+      jnp.transpose(mpx, (1, 2, 3, 0)), jnp.transpose(sqx, (1, 2, 0)), alpha, coef,
+      same, scratch, train_minor=False)
+
+
+def _hand_written_grads_pm(kernel, tile_cols: int, pz_t: jax.Array, sqz_t: jax.Array,
+                           mpx_t: jax.Array, sqx_t: jax.Array, alpha: jax.Array,
+                           coef: jax.Array, same: Optional[jax.Array],
+                           scratch: Tuple[jax.Array, ...], train_minor: bool):
+  """`_hand_written_grads` on position-major operands.
+
+  `pz_t` `(H', W', b, d)`, `sqz_t` `(H', W', b)`, `sqx_t` `(H', W', m)`, and `mpx_t`
+  `(H', W', d, m)`, or `(H', W', m, d)` with `train_minor` (the features path's layout, which
+  also feeds its contraction untransposed).
+  """
+  b = pz_t.shape[2]
   same_t = None if same is None else same.T                # (b, m)
+  if train_minor:
+    # All the block's Grams at once, before the loop: per sample (tiles of one sample are
+    # usual here) they would be matrix-vector products, each reading all the training
+    # features (on a 2-core Xeon 0.87 s against 0.18 s a call at d = 576; the `(m, b)`
+    # layout is the faster of the two).
+    grams = jnp.einsum('hwmd,hwbd->hwmb', mpx_t, pz_t)
 
   def body(t, bufs):
     start = t * tile_cols
-    pz_s = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
     sqz_s = jax.lax.dynamic_slice_in_dim(sqz_t, start, tile_cols, axis=2)
-    gram = jnp.matmul(pz_s, mpx_t)                         # (H, W, bt, m)
+    if train_minor:
+      gram = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(grams, start, tile_cols, axis=3), 2, 3)
+    else:
+      pz_s = jax.lax.dynamic_slice_in_dim(pz_t, start, tile_cols, axis=2)
+      gram = jnp.matmul(pz_s, mpx_t)                       # (H, W, bt, m)
     if same_t is not None:
       same_s = jax.lax.dynamic_slice_in_dim(same_t, start, tile_cols, axis=0)
       gram = jnp.where(same_s, sqz_s[..., None], gram)
@@ -574,10 +597,8 @@ def _feature_block_sizes(n, s, positions, classes, r, train_block, z_block):
     z_block = max(1, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * r))
   z_block = min(checks.check_positive_int(z_block, 'z_block'), s)
   if train_block is None:
-    # Bounds both the weighted gradients and the block's position-major copies of the
-    # training features (`H' W' m r` each, two per call).
-    train_block = max(16, min(_FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * z_block),
-                              _FEATURE_BLOCK_ELEMENTS // max(1, positions * r)))
+    # Bounds the class-weighted reverse-pass gradients (`H' W' b classes m`).
+    train_block = max(16, _FEATURE_BLOCK_ELEMENTS // max(1, positions * classes * z_block))
   train_block = min(checks.check_positive_int(train_block, 'train_block'), n)
   return tiling.balanced_block(n, train_block), tiling.balanced_block(s, z_block)
 
@@ -588,70 +609,88 @@ def _w_block(kernel, tile_cols: int, tb: int, t0: jax.Array, tx: jax.Array, sqx:
              w_acc: jax.Array, coef_acc: jax.Array, scratch: Tuple[jax.Array, ...]):
   """Training images `t0 .. t0 + tb`'s contribution to a sample block's `w` (features path).
 
-  `w[h, w, b, c] = sum_i alpha_ic A[h, w, b, i] tx[i, h, w]` `(H', W', b, classes, r)`, with
-  `A = dK/dgram` from `_hand_written_grads` on the features (the Grams of features are the
-  metric's patch Grams), and the running self-Gram coefficients `coef`. The contraction runs
-  with the sample-class pairs as rows, so that no class-weighted copy of the training
-  features is formed. `tx`, `sqx`, `alpha` are those of all training images (sliced here, so
-  no copies of them are kept outside).
+  `w[h, w, b, c] = sum_i alpha_ic A[h, w, b, i] tx[h, w, i]` `(H', W', b, classes, r)`, with
+  `A = dK/dgram` from the reverse pass on the features (the Grams of features are the
+  metric's patch Grams), and the running self-Gram coefficients `coef`. All operands are
+  position-major (`tx` `(H', W', n, r)`, `sqx` `(H', W', n)`, `tz` `(H', W', b, r)`), so the
+  Grams and the contraction read the training features as they are held, with no transposed
+  copies. The contraction runs with the sample-class pairs as rows, so that no class-weighted
+  copy of the training features is formed. `tx`, `sqx`, `alpha` are those of all training
+  images (sliced here).
   """
-  tx, sqx, alpha = (jax.lax.dynamic_slice_in_dim(a, t0, tb) for a in (tx, sqx, alpha))
-  buf_a, coef = _hand_written_grads(kernel, tile_cols, tz, sqz, tx, sqx, alpha, coef_acc,
-                                    same, scratch)
+  tx = jax.lax.dynamic_slice_in_dim(tx, t0, tb, axis=2)
+  sqx = jax.lax.dynamic_slice_in_dim(sqx, t0, tb, axis=2)
+  alpha = jax.lax.dynamic_slice_in_dim(alpha, t0, tb)
+  buf_a, coef = _hand_written_grads_pm(kernel, tile_cols, tz, sqz, tx, sqx, alpha, coef_acc,
+                                       same, scratch, train_minor=True)
   h, w, b, m = buf_a.shape
-  weights = jnp.einsum('hwbm,mc->hwbcm', buf_a, alpha).reshape(h, w, -1, m)
-  w_new = jnp.matmul(weights, jnp.transpose(tx, (1, 2, 0, 3)))     # (H', W', b classes, r)
+  weights = jnp.einsum('hwbm,mc->hwbcm', buf_a, alpha).reshape(h * w, -1, m)
+  w_new = _position_matmuls(weights, tx.reshape(h * w, m, -1))     # (H' W', b classes, r)
   return w_acc + w_new.reshape(w_acc.shape), coef, (buf_a,)
+
+
+def _position_matmuls(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a[p] @ b[p]` for every position `p`, as a loop over groups of unbatched products.
+
+  XLA's CPU batched dot ran these per-position products (`(290, 320) @ (320, 576)`, 784
+  positions) at 84 GFLOP/s on a 2-core Xeon, where a loop over groups of four plain 2-D dots
+  ran at 102 (2026-11-29). Other backends keep the batched dot (one batched GEMM on a GPU,
+  where a loop of small ones would serialise).
+  """
+  p = a.shape[0]
+  group = next(g for g in (4, 2, 1) if p % g == 0)
+
+  def one(pair):
+    x, y = pair
+    return jnp.stack([x[j] @ y[j] for j in range(group)])
+
+  def grouped(a, b):
+    out = jax.lax.map(one, (a.reshape((p // group, group) + a.shape[1:]),
+                            b.reshape((p // group, group) + b.shape[1:])))
+    return out.reshape((p,) + out.shape[2:])
+
+  return jax.lax.platform_dependent(a, b, cpu=grouped, default=jnp.matmul)
 
 
 @jax.jit
 def _masked_feature_outer_sum(w_acc, coef, tz, valid):
   """`sum W W^T`, `W = w + 2 coef tz` `(H', W', b, classes, r)`, over samples where `valid`."""
-  v = w_acc + 2 * coef[..., None] * jnp.transpose(tz, (1, 2, 0, 3))[:, :, :, None, :]
+  v = w_acc + 2 * coef[..., None] * tz[:, :, :, None, :]
   v = jnp.where(valid[None, None, :, None, None], v, jnp.zeros((), v.dtype))
   v = v.reshape(-1, v.shape[-1])
   return v.T @ v
-
-
-@jax.jit
-def _squared_norms(t):
-  return jnp.sum(t * t, axis=-1)   # fused: no copy of `t * t` (eager, it would be one)
 
 
 def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_block,
                       z_block, progress, devices):
   """`F (sum_{z, c, p} w w^T) F^T` for a kernel with a hand-written reverse pass.
 
-  With `F F^T = M` (`fused.metric_factor`; `F = I` for the identity) and features `t = F^T p`,
-  the patch Grams are `t_x . t_z`, and the gradient of `f_c` w.r.t. `p(z)` at a position is
-  `M v = F w` with `w = sum_i alpha_ic A_i t_i + 2 coef_c t_z` (`A = dK/dgram`, `coef` the
-  self-Gram term), so the AGOP of `v` is `F (sum w w^T) F^T`. Only the training features
-  (`n H' W' r` numbers, r = d) and per-block arrays bounded by `_FEATURE_BLOCK_ELEMENTS` are
+  With `F F^T = M` (`fused.metric_factor_reduced`, `(d, r)`; `F = I` for the identity) and
+  features `t = F^T p`, the patch Grams are `t_x . t_z`, and the gradient of `f_c` w.r.t.
+  `p(z)` at a position is `M v = F w` with `w = sum_i alpha_ic A_i t_i + 2 coef_c t_z`
+  (`A = dK/dgram`, `coef` the self-Gram term), so the AGOP of `v` is `F (sum w w^T) F^T`.
+  Only the training features (`n H' W' r` numbers, held position-major so that every block
+  reads them untransposed) and per-block arrays bounded by `_FEATURE_BLOCK_ELEMENTS` are
   held; sample blocks go to `devices` as in the one-directional path. `z` (sample images) or
   `idx` (their indices among the training images). Returns the sum (not yet divided by the
   number of samples), `(d, d)`.
   """
   n, classes = alpha.shape
   h, w = patches_lib.output_shape(x_train.shape[1], x_train.shape[2], q, 1, padding)
-  r = q * q * x_train.shape[-1]
   s = z.shape[0] if idx is None else idx.shape[0]
+  factor = None if checks.is_identity(metric) else fused.metric_factor_reduced(metric)
+  r = q * q * x_train.shape[-1] if factor is None else factor.shape[1]
   tb, zb = _feature_block_sizes(n, s, h * w, classes, r, train_block, z_block)
   n_pad, s_pad = -(-n // tb) * tb, -(-s // zb) * zb
   # Padded training images are zero images with alpha = 0 (finite gradients, no
   # contribution); padded samples are masked out of the sum.
-  factor = None if checks.is_identity(metric) else fused.metric_factor(metric)
 
-  def features(x):
-    if factor is None:
-      return patches_lib._patches(x, q, 1, padding)  # pylint: disable=protected-access
-    return fused._metric_features_jit(x, factor, q=q, padding=padding)  # pylint: disable=protected-access
-
-  tx = features(_pad_axis0(x_train, n_pad))
-  sqx = _squared_norms(tx)
+  features = functools.partial(fused.metric_features_position_major, factor=factor, q=q,
+                               padding=padding)
+  tx, sqx = features(_pad_axis0(x_train, n_pad))           # (H', W', n, r), (H', W', n)
   alpha = _pad_axis0(alpha, n_pad)
   if idx is None:
-    tz_all = features(_pad_axis0(z, s_pad))
-    sqz_all = _squared_norms(tz_all)
+    tz_all, sqz_all = features(_pad_axis0(z, s_pad))
     idx = np.full(s_pad, -1)
   else:
     tz_all = sqz_all = None
@@ -659,11 +698,11 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
 
   def samples(z0):
     if tz_all is not None:
-      return tz_all[z0:z0 + zb], sqz_all[z0:z0 + zb]
+      return tz_all[:, :, z0:z0 + zb], sqz_all[:, :, z0:z0 + zb]
     # Samples among the training images: gathered per block (padded samples, masked out of
     # the sum, take image 0), so that their features are not held twice.
     rows = np.maximum(idx[z0:z0 + zb], 0)
-    return tx[rows], sqx[rows]
+    return tx[:, :, rows], sqx[:, :, rows]
 
   tile_cols = _hand_tile_cols(zb, tb, h * w)
   work = _DeviceAccumulators(devices)

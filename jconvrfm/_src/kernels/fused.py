@@ -802,10 +802,48 @@ def metric_factor(metric: jax.Array) -> jax.Array:
   """`F` `(d, d)` with `F F^T = M` for a symmetric PSD `M`: `U diag(sqrt(max(lambda, 0)))`.
 
   Negative eigenvalues (rounding noise of a PSD metric) are clipped to zero, as in
-  `jconvrfm.sqrt_psd`. Unchecked: callers validate `M`.
+  `jconvrfm.sqrt_psd`. Traceable; unchecked: callers validate `M`. `metric_factor_reduced`
+  drops the columns that carry nothing.
   """
   lam, u = jnp.linalg.eigh((metric + metric.T) / 2)
   return u * jnp.sqrt(jnp.maximum(lam, 0))
+
+
+# The reduced factor's column count is rounded up to a multiple of this (zero columns), so
+# that a few compiled programs serve every rank; a factor that would keep nearly all of `d`
+# stays at `d` and shares the full-rank programs.
+_FACTOR_COLUMNS = 32
+
+
+def metric_factor_reduced(metric) -> jax.Array:
+  """`F` `(d, r)`, `F F^T = M` to `M`'s working precision, with `r` its numerical rank.
+
+  Eigen-decomposed in float64 on the host; the eigenvalues at or below `eps lambda_max`
+  (`eps` of `M`'s dtype) are dropped. Those are below what the stored `M` determines: a
+  perturbation of each entry by its rounding error, `eps |M|`, moves eigenvalues by up to
+  `eps ||M||_F >= eps lambda_max`. So `|p^T (F F^T - M) p'| <= eps lambda_max |p| |p'|`,
+  the rounding of `M` itself. Learned metrics are far from full rank: ConvRFM's
+  `M = S^2` squares the spread of the AGOP's spectrum, and in the Deep ConvRFM protocol on
+  CIFAR-10 (64 feature maps, d = 576) the third round's metrics keep 88 and 252 columns.
+  Every cost of the features paths (the features, layer 1's Grams, the AGOP's contractions and
+  outer sums) scales with `r`. `r` is rounded up to a multiple of 32 with zero columns, and
+  kept at `d` when that rounding reaches it. Needs a concrete `M` (its rank sets a shape).
+
+  References:
+    Golub and Van Loan, Matrix Computations (4th ed.), sections 2.4 and 8.1 (numerical rank;
+    Weyl's bound on eigenvalue perturbations).
+  """
+  m = np.asarray(metric, np.float64)
+  lam, u = np.linalg.eigh((m + m.T) / 2)
+  d = lam.shape[0]
+  tol = np.finfo(np.asarray(metric).dtype).eps * max(float(lam[-1]), 0.0)
+  keep = int(np.sum(lam > tol))
+  r = -(-max(keep, 1) // _FACTOR_COLUMNS) * _FACTOR_COLUMNS
+  if r >= d:
+    return metric_factor(jnp.asarray(metric))
+  lam, u = lam[d - r:], u[:, d - r:]           # ascending: the top r, the first r - keep zeroed
+  root = np.sqrt(np.where(np.arange(r) >= r - keep, np.maximum(lam, 0), 0))
+  return jnp.asarray(u * root, jnp.asarray(metric).dtype)
 
 
 def _metric_features(x, factor, q, padding, reduce=None):
@@ -826,6 +864,36 @@ def _metric_features(x, factor, q, padding, reduce=None):
 
 
 _metric_features_jit = jax.jit(_metric_features, static_argnames=('q', 'padding', 'reduce'))
+
+
+@functools.partial(jax.jit, static_argnames=('q', 'padding'))
+def metric_features_position_major(x, factor, q, padding):
+  """Features `(H', W', n, r)` (positions leading) and their squared norms `(H', W', n)`.
+
+  `factor=None`: the patches themselves (the identity metric). Written chunk by chunk
+  (`_FEATURE_IMAGES` images) into one buffer, so that the transposed layout costs no second
+  copy of all features.
+  """
+  n = x.shape[0]
+  chunk = min(n, _FEATURE_IMAGES)
+  xp = _pad_batch(x, chunk)
+  h, w = patches_lib.output_shape(x.shape[1], x.shape[2], q, 1, padding)
+  r = q * q * x.shape[-1] if factor is None else factor.shape[1]
+
+  def body(i, bufs):
+    t = patches_lib._patches(  # pylint: disable=protected-access
+        jax.lax.dynamic_slice_in_dim(xp, i * chunk, chunk), q, 1, padding)
+    if factor is not None:
+      t = t @ factor
+    t_sq = jnp.sum(t * t, axis=-1)
+    return (jax.lax.dynamic_update_slice_in_dim(bufs[0], jnp.transpose(t, (1, 2, 0, 3)),
+                                                i * chunk, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(bufs[1], jnp.transpose(t_sq, (1, 2, 0)),
+                                                i * chunk, axis=2))
+
+  init = (jnp.zeros((h, w, xp.shape[0], r), x.dtype), jnp.zeros((h, w, xp.shape[0]), x.dtype))
+  t, t_sq = jax.lax.fori_loop(0, xp.shape[0] // chunk, body, init)
+  return t[:, :, :n], t_sq[:, :, :n]
 
 
 @functools.partial(jax.jit, static_argnames=('depth', 'q', 'padding', 'channels', 'kind'))
@@ -857,7 +925,8 @@ def metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
   The tiled paths form every tile's patches and `M p` again (`d x d` products per patch, for
   each tile an image meets): at d = q^2 C = 576 (3 x 3 patches of 64 feature maps, a Deep
   ConvRFM layer) that work is about 18 times the kernel's own in 63-image tiles. Here each
-  image's patch features `F^T p` (`F F^T = M`, `metric_factor`) are formed once per column
+  image's patch features `F^T p` (`F F^T = M`, `metric_factor_reduced`: `r` columns, `M`'s
+  numerical rank, so layer 1 costs `r` rather than `d` per pair) are formed once per column
   chunk: the column images' once, the row images' once per column chunk left of them. Layer
   1's covariance is then the features' inner product, and the kernel is the identity-metric
   kernel of the features with a 1 x 1 first window. Features take q^2 times the images'
@@ -874,7 +943,8 @@ def metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
   x2_ = x1 if x2 is None else x2
   n1, n2 = x1.shape[0], x2_.shape[0]
   out_h, out_w = patches_lib.output_shape(x1.shape[1], x1.shape[2], q, 1, padding)
-  per_image = out_h * out_w * metric.shape[0] * x1.dtype.itemsize
+  factor = metric_factor_reduced(metric)
+  per_image = out_h * out_w * factor.shape[1] * x1.dtype.itemsize
   rows = _FEATURE_ROWS
   # Column chunks of equal size (one compiled program), whole 16-image lane blocks.
   most = max(native.LANES, (feature_bytes // per_image - rows) // native.LANES * native.LANES)
@@ -883,7 +953,7 @@ def metric_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
   use_native = (jax.default_backend() == 'cpu' and native.supports(x1.dtype) and
                 native.available())
   static = dict(depth=depth, q=q, padding=padding, channels=x1.shape[-1], kind=kind)
-  features = functools.partial(_metric_features_jit, factor=metric_factor(metric), q=q,
+  features = functools.partial(_metric_features_jit, factor=factor, q=q,
                                padding=padding)
   # Per column chunk [c0, c1): row chunks of the row images (all of them; in a symmetric
   # matrix those above the chunk, the last one cut at c0), then in a symmetric matrix the
