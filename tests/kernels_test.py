@@ -609,6 +609,23 @@ def test_self_kernel_of_large_learned_metric_equals_explicit_patches():
   tolerances.assert_rel_fro(got, want, 1e-13, 'self kernel d=72')
 
 
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('with_factor', [False, True])
+def test_position_major_features_equal_explicit_patches(padding, with_factor):
+  # 37 images: three 16-image chunks, the last padded. Against numpy on the public patches.
+  rng = np.random.default_rng(36)
+  x = _images(rng, 37, 6, 7, 8)
+  factor = jnp.asarray(rng.normal(size=(72, 40))) if with_factor else None
+  t, t_sq = fused.metric_features_position_major(x, factor, q=3,
+                                                 padding=jconvrfm.Padding(padding))
+  p = np.asarray(jconvrfm.patches(x, 3, padding=padding))
+  want = p if factor is None else p @ np.asarray(factor)
+  want = np.transpose(want, (1, 2, 0, 3))
+  assert t.shape == want.shape and t_sq.shape == want.shape[:3]
+  np.testing.assert_allclose(t, want, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(t_sq, np.sum(want * want, axis=-1), rtol=1e-13)
+
+
 def _box_sum(a):
   """3 x 3 window sum with zero (SAME) padding over axes 1, 2 of `(n, H, W)`, in numpy."""
   p = np.pad(a, ((0, 0), (1, 1), (1, 1)))

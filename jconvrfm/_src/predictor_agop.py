@@ -362,8 +362,9 @@ def _hand_written_grads_pm(kernel, tile_cols: int, pz_t: jax.Array, sqz_t: jax.A
   if train_minor:
     # All the block's Grams at once, before the loop: per sample (tiles of one sample are
     # usual here) they would be matrix-vector products, each reading all the training
-    # features (on a 2-core Xeon 0.87 s against 0.18 s a call at d = 576; the `(m, b)`
-    # layout is the faster of the two).
+    # features. For 29 samples x 320 training images at d = 576 on a 2-core Xeon the reverse
+    # pass took 0.87 s with per-sample Grams and 0.34 s with these (the `(m, b)` layout ran
+    # at 47 GFLOP/s, `(b, m)` at 31).
     grams = jnp.einsum('hwmd,hwbd->hwmb', mpx_t, pz_t)
 
   def body(t, bufs):
