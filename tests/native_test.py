@@ -556,3 +556,39 @@ def test_feature_kernel_matrix_is_independent_of_chunks_tiles_and_threads(monkey
                                            row_tile=row_tile, group=group), base)
   with pytest.raises(ValueError, match='row_tile and group'):
     native.kernel_from_feature_columns(t1, cols, 2, 3, checks.Padding.SAME, True, 8, group=0)
+
+
+# ------------------------------------------------------------------------------------------
+# The feature AGOP's class-weighted per-position products.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('samples,classes,inner,cols,t0', [
+    (5, 7, 37, 80, 3),      # 35 rows: a 5-row tail tile; 80 columns: a 1-vector tail panel
+    (4, 3, 16, 64, 0),      # whole tiles and panels, the block at the start
+    (1, 1, 5, 16, 9),       # one row, one vector, the block at the end
+])
+def test_weighted_position_gemm_equals_float64_einsum(samples, classes, inner, cols, t0):
+  rng = np.random.default_rng(40 + samples)
+  positions, n = 3, inner + 12 if t0 else inner
+  a = rng.normal(size=(positions, samples, inner))
+  alpha = rng.normal(size=(n, classes))
+  t = rng.normal(size=(positions, n, cols))
+  c = rng.normal(size=(positions, samples * classes, cols))
+  want = c + np.einsum('pbi,ik,pin->pbkn', a, alpha[t0:t0 + inner],
+                       t[:, t0:t0 + inner]).reshape(c.shape)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  got = jax.jit(native.weighted_position_gemm, donate_argnums=4)(
+      f32(a), f32(alpha), f32(t), jnp.int32(t0), f32(c))
+  assert got.shape == c.shape and got.dtype == jnp.float32
+  tolerances.assert_rel_fro(got, want, 1e-6, 'weighted position gemm')
+
+
+def test_weighted_position_gemm_rejects_bad_shapes():
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  with pytest.raises(Exception, match='multiple of 16'):  # N = 20
+    jax.block_until_ready(native.weighted_position_gemm(
+        z(2, 3, 4), z(4, 2), z(2, 4, 20), jnp.int32(0), z(2, 6, 20)))
+  with pytest.raises(Exception, match='outside'):         # [3, 7) past 4 images
+    jax.block_until_ready(native.weighted_position_gemm(
+        z(2, 3, 4), z(4, 2), z(2, 4, 16), jnp.int32(3), z(2, 6, 16)))

@@ -604,9 +604,9 @@ def _feature_block_sizes(n, s, positions, classes, r, train_block, z_block):
   return tiling.balanced_block(n, train_block), tiling.balanced_block(s, z_block)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(10, 11, 12))
-def _w_block(kernel, tile_cols: int, tb: int, t0: jax.Array, tx: jax.Array, sqx: jax.Array,
-             alpha: jax.Array, tz: jax.Array, sqz: jax.Array, same: jax.Array,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(11, 12, 13))
+def _w_block(kernel, tile_cols: int, tb: int, use_native: bool, t0: jax.Array, tx: jax.Array,
+             sqx: jax.Array, alpha: jax.Array, tz: jax.Array, sqz: jax.Array, same: jax.Array,
              w_acc: jax.Array, coef_acc: jax.Array, scratch: Tuple[jax.Array, ...]):
   """Training images `t0 .. t0 + tb`'s contribution to a sample block's `w` (features path).
 
@@ -617,17 +617,34 @@ def _w_block(kernel, tile_cols: int, tb: int, t0: jax.Array, tx: jax.Array, sqx:
   Grams and the contraction read the training features as they are held, with no transposed
   copies. The contraction runs with the sample-class pairs as rows, so that no class-weighted
   copy of the training features is formed. `tx`, `sqx`, `alpha` are those of all training
-  images (sliced here).
+  images (sliced here). `use_native`: on a CPU the contraction is the native
+  `weighted_position_gemm`, which forms the class weighting per register tile and adds into
+  `w_acc` in place (float32, `r` a multiple of 16).
   """
+  tx_all, alpha_all = tx, alpha
   tx = jax.lax.dynamic_slice_in_dim(tx, t0, tb, axis=2)
   sqx = jax.lax.dynamic_slice_in_dim(sqx, t0, tb, axis=2)
   alpha = jax.lax.dynamic_slice_in_dim(alpha, t0, tb)
   buf_a, coef = _hand_written_grads_pm(kernel, tile_cols, tz, sqz, tx, sqx, alpha, coef_acc,
                                        same, scratch, train_minor=True)
   h, w, b, m = buf_a.shape
-  weights = jnp.einsum('hwbm,mc->hwbcm', buf_a, alpha).reshape(h * w, -1, m)
-  w_new = _position_matmuls(weights, tx.reshape(h * w, m, -1))     # (H' W', b classes, r)
-  return w_acc + w_new.reshape(w_acc.shape), coef, (buf_a,)
+
+  def xla(buf_a, alpha, tx, w_acc):
+    weights = jnp.einsum('hwbm,mc->hwbcm', buf_a, alpha).reshape(h * w, -1, m)
+    w_new = _position_matmuls(weights, tx.reshape(h * w, m, -1))   # (H' W', b classes, r)
+    return w_acc + w_new.reshape(w_acc.shape)
+
+  if not use_native:
+    return xla(buf_a, alpha, tx, w_acc), coef, (buf_a,)
+
+  def cpu(buf_a, alpha, tx, w_acc):
+    out = native_lib.weighted_position_gemm(
+        buf_a.reshape(h * w, b, m), alpha_all, tx_all.reshape(h * w, tx_all.shape[2], -1), t0,
+        w_acc.reshape(h * w, -1, w_acc.shape[-1]))
+    return out.reshape(w_acc.shape)
+
+  w_acc = jax.lax.platform_dependent(buf_a, alpha, tx, w_acc, cpu=cpu, default=xla)
+  return w_acc, coef, (buf_a,)
 
 
 def _position_matmuls(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -706,6 +723,8 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
     return tx[:, :, rows], sqx[:, :, rows]
 
   tile_cols = _hand_tile_cols(zb, tb, h * w)
+  use_native = (tx.dtype == jnp.float32 and r % native_lib.LANES == 0 and
+                native_lib.available())
   work = _DeviceAccumulators(devices)
   for z0 in range(0, s_pad, zb):
     dev = work.assign(1.0)
@@ -721,8 +740,8 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
       same = jax.device_put(np.arange(t0, t0 + tb)[:, None] == zidx[None, :],
                             work.devices[dev])
       w_acc, coef, work.scratch[dev] = _w_block(
-          kernel, tile_cols, tb, jnp.asarray(t0, jnp.int32), *train, tz, sqz, same, w_acc,
-          coef, work.scratch[dev])
+          kernel, tile_cols, tb, use_native, jnp.asarray(t0, jnp.int32), *train, tz, sqz,
+          same, w_acc, coef, work.scratch[dev])
     valid = jax.device_put(np.arange(z0, z0 + zb) < s, work.devices[dev])
     part = _masked_feature_outer_sum(w_acc, coef, tz, valid)
     work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part

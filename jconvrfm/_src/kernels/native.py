@@ -61,6 +61,8 @@ AGOP_TARGET = 'jconvrfm_fused_cntk_agop_f32'
 AGOP_SYMBOL = 'JconvrfmFusedCntkAgopF32'
 PIXELS_TARGET = 'jconvrfm_fused_cntk_pixels_f32'
 PIXELS_SYMBOL = 'JconvrfmFusedCntkPixelsF32'
+GEMM_TARGET = 'jconvrfm_weighted_position_gemm_f32'
+GEMM_SYMBOL = 'JconvrfmWeightedPositionGemmF32'
 LANES = 16  # column images per vector block (kLanes in the source)
 # Largest patch dimension d = q^2 C sent to the patch-based custom calls. They form every
 # image's patches (n x positions x d numbers per operand), so their memory grows with d, not
@@ -205,7 +207,8 @@ def available() -> bool:
         path = _build()
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in ((TARGET, SYMBOL), (GRADS_TARGET, GRADS_SYMBOL),
-                               (AGOP_TARGET, AGOP_SYMBOL), (PIXELS_TARGET, PIXELS_SYMBOL)):
+                               (AGOP_TARGET, AGOP_SYMBOL), (PIXELS_TARGET, PIXELS_SYMBOL),
+                               (GEMM_TARGET, GEMM_SYMBOL)):
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform='cpu')
         _state.update(ok=True, reason=None, path=str(path))
@@ -413,6 +416,23 @@ def kernel_and_gram_grads(g12: jax.Array, g1: jax.Array, g2: jax.Array, depth: i
   return call(g12, g1, g2, q=np.int64(q), depth=np.int64(depth),
               padding=np.int64(_PADDING_CODES[padding]),
               inv_channels=np.float32(1.0 / channels), ntk=bool(ntk),
+              threads=np.int64(threads()))
+
+
+def weighted_position_gemm(a: jax.Array, alpha: jax.Array, t: jax.Array, t0: jax.Array,
+                           c: jax.Array) -> jax.Array:
+  """`c[p, b C + k] + sum_i a[p, b, i] alpha[t0 + i, k] t[p, t0 + i]`, float32, CPU only.
+
+  The feature AGOP's contraction (`predictor_agop._w_block`) as one custom call: `a`
+  `(P, B, I)`, `alpha` `(n, C)` and `t` `(P, n, N)` for all `n` training images (`N` a
+  multiple of 16), `t0` the block's first image (int32 scalar), `c` `(P, B C, N)`, whose
+  buffer the result reuses (donate it). The class-weighted `a * alpha` is formed per register
+  tile and never as a whole array. Requires `available()`.
+  """
+  _require()
+  call = jax.ffi.ffi_call(GEMM_TARGET, jax.ShapeDtypeStruct(c.shape, jnp.float32),
+                          vmap_method='sequential', input_output_aliases={4: 0})
+  return call(a, alpha, t, jnp.asarray(t0, jnp.int32).reshape(()), c,
               threads=np.int64(threads()))
 
 

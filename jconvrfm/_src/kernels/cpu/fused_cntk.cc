@@ -1338,6 +1338,135 @@ ffi::Error FusedCntkAgopImpl(ffi::Buffer<ffi::F32> pz, ffi::Buffer<ffi::F32> mpz
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------
+// Class-weighted per-position products for the feature-space predictor AGOP
+// (`predictor_agop._w_block`):
+//   c[p, b * C + k, :] += sum_i a[p, b, i] alpha[t0 + i, k] t[p, t0 + i, :]
+// for every position p, with `a` (P, B, I) the reverse pass's dK/dgram of B samples against
+// I training images, `alpha` (n, C) all training images' coefficients, `t` (P, n, N) all
+// training features, positions leading, and t0 the block's first training image. XLA's
+// batched dot ran these products at 70-100 GFLOP/s on a 2-core Xeon, against 131 GFLOP/s
+// for one of them alone on one core; here each position is a register-tiled GEMM whose
+// weighted left operand (`a * alpha`, 6 rows at a time) is formed once per row block, in L1,
+// and never as a whole array.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kGemmRows = 6;   // rows of c per register tile
+constexpr int kGemmVecs = 4;   // kLanes-wide column vectors per register tile
+
+// *p in every lane (one load-port broadcast with AVX-512, not an add to zero and a shuffle).
+inline Vec Broadcast(const float* p) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(Vec) == sizeof(__m512)) {
+    return reinterpret_cast<Vec>(_mm512_set1_ps(*p));
+  }
+#endif
+  return Zero() + *p;
+}
+
+// c[0..MR) x [0, NV kLanes) += w (I x MR, packed k-major) @ t rows (I x N, stride ldt).
+template <int MR, int NV>
+inline void GemmTile(const float* w, const float* t, int64_t ldt, int64_t inner, float* c,
+                     int64_t ldc) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Load(c + r * ldc + v * kLanes);
+  for (int64_t i = 0; i < inner; ++i) {
+    Vec tv[NV];
+    for (int v = 0; v < NV; ++v) tv[v] = Load(t + i * ldt + v * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const Vec wv = Broadcast(w + i * kGemmRows + r);
+      for (int v = 0; v < NV; ++v) acc[r][v] += wv * tv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) Store(c + r * ldc + v * kLanes, acc[r][v]);
+}
+
+ffi::Error WeightedPositionGemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> alpha,
+                                    ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::S32> t0_buf,
+                                    ffi::Buffer<ffi::F32> c_in, ffi::ResultBuffer<ffi::F32> c,
+                                    int64_t threads) {
+  const auto ad = a.dimensions(), al = alpha.dimensions(), td = t.dimensions();
+  const auto cd = c_in.dimensions();
+  if (ad.size() != 3 || al.size() != 2 || td.size() != 3 || cd.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "weighted_position_gemm: a (P, B, I), alpha (n, C), t (P, n, N), c (P, B C, N)");
+  }
+  const int64_t positions = ad[0], samples = ad[1], inner = ad[2];
+  const int64_t n = al[0], classes = al[1], n_cols = td[2];
+  const int64_t t0 = t0_buf.typed_data()[0];
+  if (td[0] != positions || td[1] != n || cd[0] != positions || cd[1] != samples * classes ||
+      cd[2] != n_cols || n_cols % kLanes != 0 || t0 < 0 || t0 + inner > n) {
+    return ffi::Error::InvalidArgument(
+        "weighted_position_gemm: mismatched shapes, N not a multiple of 16, or the block "
+        "[t0, t0 + I) outside the n training images");
+  }
+  const float* ap = a.typed_data();
+  const float* alp = alpha.typed_data() + t0 * classes;
+  const float* tp = t.typed_data();
+  float* out = c->typed_data();
+  if (out != c_in.typed_data()) {
+    std::memcpy(out, c_in.typed_data(), sizeof(float) * positions * samples * classes * n_cols);
+  }
+  const int64_t rows = samples * classes;
+  const int64_t row_blocks = (rows + kGemmRows - 1) / kGemmRows;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, positions));
+  RunWorkers(workers, [&](int64_t wk) {
+    // Per position: the weighted left operand of every row tile, k-major (formed once; about
+    // 0.6 MB for 290 rows x 534 training images), then column panels of t packed contiguous
+    // (rows 2.3 KB apart in t would touch a new page every other step), each panel swept by
+    // every row tile while it sits in L2.
+    std::vector<float> w(static_cast<size_t>(row_blocks) * inner * kGemmRows);
+    std::vector<float> panel(static_cast<size_t>(inner) * kGemmVecs * kLanes);
+    const int64_t p0 = positions * wk / workers, p1 = positions * (wk + 1) / workers;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* a_p = ap + p * samples * inner;
+      const float* t_p = tp + (p * n + t0) * n_cols;
+      float* c_p = out + p * rows * n_cols;
+      for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        float* w_rb = w.data() + rb * inner * kGemmRows;
+        for (int r = 0; r < kGemmRows; ++r) {
+          const int64_t row = rb * kGemmRows + r;
+          if (row >= rows) {
+            for (int64_t i = 0; i < inner; ++i) w_rb[i * kGemmRows + r] = 0.0f;
+            continue;
+          }
+          const float* a_row = a_p + (row / classes) * inner;
+          const float* al_col = alp + row % classes;
+          for (int64_t i = 0; i < inner; ++i) {
+            w_rb[i * kGemmRows + r] = a_row[i] * al_col[i * classes];
+          }
+        }
+      }
+      for (int64_t col = 0; col < n_cols; col += kGemmVecs * kLanes) {
+        const int nv = static_cast<int>(std::min<int64_t>(kGemmVecs, (n_cols - col) / kLanes));
+        const int64_t width = nv * kLanes;
+        for (int64_t i = 0; i < inner; ++i) {
+          std::memcpy(panel.data() + i * width, t_p + i * n_cols + col, sizeof(float) * width);
+        }
+        for (int64_t rb = 0; rb < row_blocks; ++rb) {
+          const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, rows - rb * kGemmRows));
+          const float* w_rb = w.data() + rb * inner * kGemmRows;
+          float* c_tile = c_p + rb * kGemmRows * n_cols + col;
+          WithCount8(mr, [&](auto rcount) {
+            constexpr int kMr = decltype(rcount)::value;
+            if constexpr (kMr <= kGemmRows) {
+              WithCount8(nv, [&](auto vcount) {
+                constexpr int kNv = decltype(vcount)::value;
+                if constexpr (kNv <= kGemmVecs) {
+                  GemmTile<kMr, kNv>(w_rb, panel.data(), width, inner, c_tile, n_cols);
+                }
+              });
+            }
+          });
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkF32, FusedCntkImpl,
@@ -1413,3 +1542,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmFusedCntkAgopF32, FusedCntkAgopImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("row_tile"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JconvrfmWeightedPositionGemmF32, WeightedPositionGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a (P, B, I)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alpha (n, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // t (P, n, N)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // t0 ()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c (P, B C, N), aliased
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c + the products
+                                  .Attr<int64_t>("threads"));
