@@ -24,7 +24,9 @@ The same library holds the kernel's reverse pass w.r.t. the patch Grams
 (`predictor_agop_rows`): per (sample, 16 training images) the reverse pass and its
 contraction with the training patches and coefficients run in cache, and only each sample's
 `d x d` sum leaves the call. `predictor_agop.predictor_agop_from_grams` routes float32 AGOPs
-of `fused.GramConvKernel` on a single CPU device to it.
+of `fused.GramConvKernel` on a single CPU device to it. Its feature-space path (patch
+dimensions past 64) contracts through `weighted_position_gemm`, a register-tiled GEMM per
+position with the class weighting formed per tile.
 
 References:
   XLA custom calls and the typed FFI: https://openxla.org/xla/custom_call

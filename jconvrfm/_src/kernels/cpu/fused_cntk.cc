@@ -9,7 +9,8 @@
 // images, and column blocks are spread over threads. The same recursion's hand-written reverse
 // pass (`ReversePass`) serves two more handlers: the kernel's gradients w.r.t. the patch Grams,
 // and the fused patch AGOP of a kernel predictor, which contracts each pair block's gradients
-// with the training patches while they are still in cache.
+// with the training patches while they are still in cache. A last handler is a class-weighted
+// per-position GEMM, the contraction of the feature-space AGOP (`WeightedPositionGemmImpl`).
 //
 // References:
 //   S. Arora et al. On Exact Computation with an Infinitely Wide Neural Net. NeurIPS 2019.
