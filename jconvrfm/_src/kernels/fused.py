@@ -827,7 +827,7 @@ def metric_factor_reduced(metric) -> jax.Array:
   CIFAR-10 (64 feature maps, d = 576) the third round's metrics keep 88 and 252 columns.
   Every cost of the features paths (the features, layer 1's Grams, the AGOP's contractions and
   outer sums) scales with `r`. `r` is rounded up to a multiple of 32 with zero columns, and
-  kept at `d` when that rounding reaches it. Needs a concrete `M` (its rank sets a shape).
+  capped at `d`. Needs a concrete `M` (its rank sets a shape).
 
   References:
     Golub and Van Loan, Matrix Computations (4th ed.), sections 2.4 and 8.1 (numerical rank;
@@ -838,12 +838,16 @@ def metric_factor_reduced(metric) -> jax.Array:
   d = lam.shape[0]
   tol = np.finfo(np.asarray(metric).dtype).eps * max(float(lam[-1]), 0.0)
   keep = int(np.sum(lam > tol))
-  r = -(-max(keep, 1) // _FACTOR_COLUMNS) * _FACTOR_COLUMNS
-  if r >= d:
-    return metric_factor(jnp.asarray(metric))
+  r = min(d, -(-max(keep, 1) // _FACTOR_COLUMNS) * _FACTOR_COLUMNS)
   lam, u = lam[d - r:], u[:, d - r:]           # ascending: the top r, the first r - keep zeroed
   root = np.sqrt(np.where(np.arange(r) >= r - keep, np.maximum(lam, 0), 0))
   return jnp.asarray(u * root, jnp.asarray(metric).dtype)
+
+
+def _chunk_features(xc, factor, q, padding):
+  """`(n, H', W', r)` features `F^T p` of a few images; `factor=None`: the patches."""
+  p = patches_lib._patches(xc, q, 1, padding)  # pylint: disable=protected-access
+  return p if factor is None else p @ factor
 
 
 def _metric_features(x, factor, q, padding, reduce=None):
@@ -857,7 +861,7 @@ def _metric_features(x, factor, q, padding, reduce=None):
   xp = _pad_batch(x, chunk)
 
   def one(xc):
-    t = patches_lib._patches(xc, q, 1, padding) @ factor  # pylint: disable=protected-access
+    t = _chunk_features(xc, factor, q, padding)
     return t if reduce is None else reduce(t)
   out = jax.lax.map(one, xp.reshape((-1, chunk) + x.shape[1:]))
   return out.reshape((-1,) + out.shape[2:])[:n]
@@ -881,10 +885,7 @@ def metric_features_position_major(x, factor, q, padding):
   r = q * q * x.shape[-1] if factor is None else factor.shape[1]
 
   def body(i, bufs):
-    t = patches_lib._patches(  # pylint: disable=protected-access
-        jax.lax.dynamic_slice_in_dim(xp, i * chunk, chunk), q, 1, padding)
-    if factor is not None:
-      t = t @ factor
+    t = _chunk_features(jax.lax.dynamic_slice_in_dim(xp, i * chunk, chunk), factor, q, padding)
     t_sq = jnp.sum(t * t, axis=-1)
     return (jax.lax.dynamic_update_slice_in_dim(bufs[0], jnp.transpose(t, (1, 2, 0, 3)),
                                                 i * chunk, axis=2),
