@@ -2,15 +2,36 @@
 
 Four simulated CPU devices (for sharding tests) and float64 are enabled before jax is
 imported anywhere; tests that check float32 behaviour pass explicit dtypes.
+
+Compiled programs go to a persistent compilation cache of this test run (a fresh temporary
+folder, removed at the end; `JAX_COMPILATION_CACHE_DIR` overrides it). The pytest-xdist
+workers inherit its path from the controlling process, so a program that several tests or
+both workers build (the same HLO under different jit wrappers) is compiled once. It changes
+no result: a cached program is the same executable.
 """
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# Set up once, in the first process that imports this file (the xdist controller, or the
+# only process); its subprocesses, the xdist workers among them, inherit the variables.
+_OWN_CACHE = None
+if 'JCONVRFM_TEST_XLA_CACHE' not in os.environ:
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    os.environ['JCONVRFM_TEST_XLA_CACHE'] = os.environ['JAX_COMPILATION_CACHE_DIR']
+  else:
+    _OWN_CACHE = tempfile.mkdtemp(prefix='jconvrfm-test-xla-cache-')
+    os.environ['JCONVRFM_TEST_XLA_CACHE'] = _OWN_CACHE
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -64,3 +85,9 @@ def mnist_tfds(mnist_dir, tfds_cache_dir):
   from jconvrfm.data import load_tfds  # pylint: disable=g-import-not-at-top
   load_tfds('mnist', 'test[:1]', data_dir=tfds_cache_dir, manual_dir=mnist_dir)
   return tfds_cache_dir
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
