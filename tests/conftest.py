@@ -34,7 +34,6 @@ if 'JCONVRFM_TEST_XLA_CACHE' not in os.environ:
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_enable_x64', True)
