@@ -20,18 +20,15 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-# Set up once, in the first process that imports this file (the xdist controller, or the
-# only process); its subprocesses, the xdist workers among them, inherit the variables.
+# Set up in the first process that imports this file (the xdist controller, or the only
+# process); its subprocesses, the xdist workers among them, inherit the variables and so
+# find the cache already set, as they would a user's own.
 _OWN_CACHE = None
-if 'JCONVRFM_TEST_XLA_CACHE' not in os.environ:
-  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
-    os.environ['JCONVRFM_TEST_XLA_CACHE'] = os.environ['JAX_COMPILATION_CACHE_DIR']
-  else:
-    _OWN_CACHE = tempfile.mkdtemp(prefix='jconvrfm-test-xla-cache-')
-    os.environ['JCONVRFM_TEST_XLA_CACHE'] = _OWN_CACHE
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
-    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix='jconvrfm-test-xla-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top

@@ -833,15 +833,17 @@ def metric_factor_reduced(metric) -> jax.Array:
     Golub and Van Loan, Matrix Computations (4th ed.), sections 2.4 and 8.1 (numerical rank;
     Weyl's bound on eigenvalue perturbations).
   """
-  m = np.asarray(metric, np.float64)
+  m = np.asarray(metric)
+  dtype = m.dtype
+  m = m.astype(np.float64)
   lam, u = np.linalg.eigh((m + m.T) / 2)
   d = lam.shape[0]
-  tol = np.finfo(np.asarray(metric).dtype).eps * max(float(lam[-1]), 0.0)
+  tol = np.finfo(dtype).eps * max(float(lam[-1]), 0.0)
   keep = int(np.sum(lam > tol))
   r = min(d, -(-max(keep, 1) // _FACTOR_COLUMNS) * _FACTOR_COLUMNS)
   lam, u = lam[d - r:], u[:, d - r:]           # ascending: the top r, the first r - keep zeroed
   root = np.sqrt(np.where(np.arange(r) >= r - keep, np.maximum(lam, 0), 0))
-  return jnp.asarray(u * root, jnp.asarray(metric).dtype)
+  return jnp.asarray(u * root, dtype)
 
 
 def _chunk_features(xc, factor, q, padding):
