@@ -32,6 +32,10 @@ Noisy MNIST (42 x 42, sigma = 1), 1000 training images (20% validation), 1000 te
 The reference protocol (ridge and round chosen on the test set) is `--select_on_test`; it is
 logged as a warning and recorded in config.json.
 
+On a TPU pod slice, start the same command on every host with `--distributed` (see
+`experiments/multihost.py`): kernel matrices are spread over every chip of every host, and
+process 0 alone writes the workdir.
+
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
   convolutional neural networks. arXiv:2309.00570, 2023.
@@ -39,10 +43,8 @@ References:
 
 import functools
 import json
-import os
 import pathlib
 import resource
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -54,6 +56,7 @@ import numpy as np
 import tqdm
 
 import experiments
+from experiments import multihost
 from jconvrfm._src import convrfm as crfm
 
 FLAGS = flags.FLAGS
@@ -104,6 +107,7 @@ def define_flags(flag_values=FLAGS):
   define.string('tfds_data_dir', None, 'tfds data_dir (cache of prepared datasets).')
   define.string('manual_dir', None, 'tfds manual_dir (e.g. ../shared/data/mnist).')
   define.integer('kernel_block_size', 0, 'Kernel tile side (0: the tiler decides).')
+  multihost.define_flags(flag_values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,48 +161,33 @@ def load_data(spec: str, train_split: str, test_split: str, n_train: int, n_test
 
 
 # ----------------------------------------------------------------------------------------------
-# Workdir: config check, atomic writes, resume.
+# Workdir: config check, resume.
 # ----------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: pathlib.Path, payload: bytes):
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(payload)
-  os.replace(tmp, path)
+def prepare_workdir(workdir: Optional[str], config: Dict[str, Any],
+                    prefix: str = 'convrfm_') -> multihost.Workdir:
+  """Creates the workdir and writes config.json, or checks that an existing one matches.
 
-
-def atomic_write_json(path: pathlib.Path, obj):
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
-
-
-def atomic_save_npz(path: pathlib.Path, **arrays):
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp', suffix='.npz')
-  os.close(fd)
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def prepare_workdir(workdir: str, config: Dict[str, Any]) -> pathlib.Path:
-  """Creates the workdir and writes config.json, or checks that an existing one matches."""
-  path = pathlib.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  cfg_path = path / 'config.json'
+  `workdir=None` creates a fresh temporary folder. In a multi-process run process 0 owns the
+  folder, and every process receives its config.json (so a mismatch fails everywhere).
+  """
+  wd = multihost.Workdir.create(workdir, prefix)
   config = json.loads(json.dumps(config))  # normalise tuples etc.
-  if cfg_path.exists():
-    saved = json.loads(cfg_path.read_text())
+  saved = wd.read_json('config.json')
+  if saved is not None:
     diff = config_diff(saved, config)
     if diff:
       missing = sorted(set(_flatten(config)) - set(_flatten(saved)))
       older = (f' The saved config.json lacks {missing}: it was written by an older version '
                'of this binary.' if missing else '')
       raise ValueError(
-          f'{workdir} holds a run with a different configuration (differs in {diff}).{older} '
+          f'{wd} holds a run with a different configuration (differs in {diff}).{older} '
           'Use a new --workdir or the same flags to resume.')
-    logging.info('Resuming the run in %s.', workdir)
+    logging.info('Resuming the run in %s.', wd)
   else:
-    atomic_write_json(cfg_path, config)
-  return path
+    wd.write_json('config.json', config)
+  return wd
 
 
 def config_diff(old: Dict[str, Any], new: Dict[str, Any],
@@ -241,38 +230,44 @@ def _record_to_arrays(rec: crfm.RoundRecord) -> Dict[str, np.ndarray]:
   return out
 
 
-def _record_from_npz(path: pathlib.Path, dtype) -> crfm.RoundRecord:
-  """Reads a `round_<t>.npz`; raises ValueError for one written before refit existed."""
-  with np.load(path) as z:
-    if 'refit' not in z.files:
-      raise ValueError(f'{path} was written by an older version without the refit fields '
-                       '(refit, refit_alpha); resume it with that version or use a new '
-                       '--workdir.')
-    extra = json.loads(str(z['extra']))
-    has_next = 'next_metric' in z.files
-    has_refit = bool(z['refit'])
-    return crfm.RoundRecord(
-        round=int(z['round']), metric=jnp.asarray(z['metric'], dtype), ridge=float(z['ridge']),
-        jitter=float(z['jitter']), alpha=jnp.asarray(z['alpha'], dtype),
-        kernel_scale=float(z['kernel_scale']), scores=extra['scores'],
-        ridge_scores=tuple(extra['ridge_scores']), seconds=extra['seconds'],
-        next_metric=jnp.asarray(z['next_metric'], dtype) if has_next else None,
-        agop=jnp.asarray(z['agop'], dtype) if has_next else None,
-        refit_alpha=jnp.asarray(z['refit_alpha'], dtype) if has_refit else None,
-        refit_jitter=float(z['refit_jitter']))
+def _record_from_npz(z: Dict[str, np.ndarray], path: pathlib.Path, dtype) -> crfm.RoundRecord:
+  """A `round_<t>.npz`'s arrays `z` as a record; raises ValueError for one written before
+  refit existed (`path` names the file in messages)."""
+  if 'refit' not in z:
+    raise ValueError(f'{path} was written by an older version without the refit fields '
+                     '(refit, refit_alpha); resume it with that version or use a new '
+                     '--workdir.')
+  extra = json.loads(str(z['extra']))
+  has_next = 'next_metric' in z
+  has_refit = bool(z['refit'])
+  return crfm.RoundRecord(
+      round=int(z['round']), metric=jnp.asarray(z['metric'], dtype), ridge=float(z['ridge']),
+      jitter=float(z['jitter']), alpha=jnp.asarray(z['alpha'], dtype),
+      kernel_scale=float(z['kernel_scale']), scores=extra['scores'],
+      ridge_scores=tuple(extra['ridge_scores']), seconds=extra['seconds'],
+      next_metric=jnp.asarray(z['next_metric'], dtype) if has_next else None,
+      agop=jnp.asarray(z['agop'], dtype) if has_next else None,
+      refit_alpha=jnp.asarray(z['refit_alpha'], dtype) if has_refit else None,
+      refit_jitter=float(z['refit_jitter']))
 
 
-def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
+def restore_rounds(state: crfm.ConvRFMState, wd: multihost.Workdir,
                    prefix: str = '') -> Tuple[crfm.ConvRFMState, list]:
-  """Loads finished rounds `<prefix>round_<t>.npz` into `state`; returns (state, metric lines)."""
+  """Loads finished rounds `<prefix>round_<t>.npz` into `state`; returns (state, metric lines).
+
+  In a multi-process run every process receives process 0's files, so all resume alike.
+  """
   history, lines = [], []
-  lines_path = path / f'{prefix}metrics.jsonl'
-  saved = lines_path.read_text().splitlines() if lines_path.exists() else []
-  while (path / f'{prefix}round_{len(history)}.npz').exists():
+  saved = (wd.read_text(f'{prefix}metrics.jsonl') or '').splitlines()
+  while True:
     t = len(history)
-    rec = _record_from_npz(path / f'{prefix}round_{t}.npz', state.config.dtype)
+    name = f'{prefix}round_{t}.npz'
+    z = wd.load_npz(name)
+    if z is None:
+      break
+    rec = _record_from_npz(z, wd / name, state.config.dtype)
     if (rec.refit_alpha is not None) != state.refits:
-      raise ValueError(f'{path / f"{prefix}round_{t}.npz"} was written with refit '
+      raise ValueError(f'{wd / name} was written with refit '
                        f'{rec.refit_alpha is not None} but this run has refit {state.refits}; '
                        'use a new --workdir.')
     if rec.next_metric is None and t + 1 < state.config.rounds:
@@ -283,7 +278,7 @@ def restore_rounds(state: crfm.ConvRFMState, path: pathlib.Path,
   if not history:
     return state, []
   last = history[-1]
-  logging.info('Restored %d finished round(s) from %s.', len(history), path)
+  logging.info('Restored %d finished round(s) from %s.', len(history), wd)
   return state._replace(history=tuple(history),
                         next_metric=last.next_metric if last.next_metric is not None
                         else last.metric), lines
@@ -322,8 +317,11 @@ def _as_image(a):
   return _minmax(np.linalg.norm(a, axis=-1)), 'gray'
 
 
-def plot_eigenfilters(metric, q: int, channels: int, path: pathlib.Path, title: str = ''):
-  """Top-8 eigenvectors of `metric` as q x q (x c) filters, min-max scaled, to `path`."""
+def plot_eigenfilters(metric, q: int, channels: int, wd: multihost.Workdir, name: str,
+                      title: str = ''):
+  """Top-8 eigenvectors of `metric` as q x q (x c) filters, min-max scaled, to `wd / name`."""
+  if not multihost.is_writer():
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -337,13 +335,15 @@ def plot_eigenfilters(metric, q: int, channels: int, path: pathlib.Path, title: 
     ax.axis('off')
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  wd.save_figure(name, fig, dpi=100)
 
 
-def plot_filtered(image, metric, q: int, padding: str, path: pathlib.Path, title: str = ''):
+def plot_filtered(image, metric, q: int, padding: str, wd: multihost.Workdir, name: str,
+                  title: str = ''):
   """A sample image filtered by `metric` (per patch `S p`, norm over each channel's q x q
-  block) and by its three leading eigenvectors (`(u^T p) u`, same norm), to `path`."""
+  block) and by its three leading eigenvectors (`(u^T p) u`, same norm), to `wd / name`."""
+  if not multihost.is_writer():
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -365,15 +365,14 @@ def plot_filtered(image, metric, q: int, padding: str, path: pathlib.Path, title
     vec = u[:, -1 - j]
     panels.append((f'eigvec {j + 1}', block_norm((p @ vec)[..., None] * vec)))
   fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.3))
-  for ax, (name, a) in zip(axes, panels):
+  for ax, (label, a) in zip(axes, panels):
     img, cmap = _as_image(a)
     ax.imshow(img, cmap=cmap, interpolation='nearest')
-    ax.set_title(name, fontsize=8)
+    ax.set_title(label, fontsize=8)
     ax.axis('off')
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  wd.save_figure(name, fig, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,19 +407,19 @@ class _Progress:
     bar = self.bars.get(phase)
     if bar is None:
       bar = self.bars[phase] = tqdm.tqdm(total=total, desc=f'{self.label} {phase}',
-                                         leave=False)
+                                         leave=False, disable=not multihost.is_writer())
     bar.update(done - bar.n)
     if done >= total:
       bar.close()
       del self.bars[phase]
 
 
-def run_rounds(state: crfm.ConvRFMState, path: pathlib.Path, *, prefix: str = '',
+def run_rounds(state: crfm.ConvRFMState, wd: multihost.Workdir, *, prefix: str = '',
                sample_image=None, line_extra: Optional[Dict[str, Any]] = None,
                figures: bool = True) -> crfm.ConvRFMState:
   """Runs the remaining rounds of `state`, writing `<prefix>round_<t>.npz`, the metrics lines
-  and figures after each round; finished rounds found in `path` are restored first."""
-  state, lines = restore_rounds(state, path, prefix)
+  and figures after each round; finished rounds found in `wd` are restored first."""
+  state, lines = restore_rounds(state, wd, prefix)
   cfg = state.config
   c = state.x_fit.shape[-1]
   while not state.done:
@@ -429,14 +428,14 @@ def run_rounds(state: crfm.ConvRFMState, path: pathlib.Path, *, prefix: str = ''
     rec = state.history[-1]
     lines.append(json.dumps(metrics_line(rec, **(line_extra or {})), sort_keys=True))
     if figures:
-      plot_eigenfilters(rec.metric, cfg.patch_size, c, path / f'{prefix}eigenfilters_round{t}.png',
+      plot_eigenfilters(rec.metric, cfg.patch_size, c, wd, f'{prefix}eigenfilters_round{t}.png',
                         f'{prefix}round {t}: top eigenvectors of M')
       if sample_image is not None:
-        plot_filtered(sample_image, rec.metric, cfg.patch_size, cfg.padding,
-                      path / f'{prefix}filtered_round{t}.png', f'{prefix}round {t}')
+        plot_filtered(sample_image, rec.metric, cfg.patch_size, cfg.padding, wd,
+                      f'{prefix}filtered_round{t}.png', f'{prefix}round {t}')
     # The npz is the commit point of the round: metrics first, then the round file.
-    atomic_write_bytes(path / f'{prefix}metrics.jsonl', ('\n'.join(lines) + '\n').encode())
-    atomic_save_npz(path / f'{prefix}round_{t}.npz', **_record_to_arrays(rec))
+    wd.write_text(f'{prefix}metrics.jsonl', '\n'.join(lines) + '\n')
+    wd.save_npz(f'{prefix}round_{t}.npz', **_record_to_arrays(rec))
   return state
 
 
@@ -449,7 +448,7 @@ def round_test_acc(rec: crfm.RoundRecord, fit_only: bool = False) -> Optional[fl
 
 def run(values) -> Dict[str, Any]:
   """The whole experiment for parsed flag `values`; returns the summary dict."""
-  workdir = values.workdir or tempfile.mkdtemp(prefix='convrfm_')
+  multihost.initialize(values)
   start = time.perf_counter()
   config = crfm.check_config(config_from_flags(values))
   train, test = load_data(values.dataset, values.train_split, values.test_split,
@@ -459,11 +458,10 @@ def run(values) -> Dict[str, Any]:
   # Validates everything (labels, shapes, NaNs, splits) before the workdir is touched.
   state = crfm.convrfm_init(train.images, train.labels, config=config,
                             num_classes=train.num_classes, **kw)
-  logging.info('Writing to %s.', workdir)
-  path = prepare_workdir(workdir, dict(data_config(values),
-                                              convrfm=config._asdict()))
+  wd = prepare_workdir(values.workdir, dict(data_config(values), convrfm=config._asdict()))
+  logging.info('Writing to %s.', wd)
   load_seconds = time.perf_counter() - start
-  state = run_rounds(state, path, sample_image=np.asarray(state.x_fit[0]))
+  state = run_rounds(state, wd, sample_image=np.asarray(state.x_fit[0]))
   best = crfm.best_round(state)
   first = state.history[0]
   summary = dict(
@@ -480,7 +478,7 @@ def run(values) -> Dict[str, Any]:
       seconds_loading=load_seconds,
       seconds_per_round=[r.seconds for r in state.history],
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-  atomic_write_json(path / 'summary.json', summary)
+  wd.write_json('summary.json', summary)
   msg = (f'CNTK (round 0) test accuracy {summary["cntk_test_acc"]}, ConvRFM (round '
          f'{best.round}, selected on {state.selection_split}) {summary["convrfm_test_acc"]}')
   if state.refits:

@@ -35,8 +35,6 @@ References:
 
 import json
 import math
-import pathlib
-import tempfile
 import time
 from typing import Any, Dict, List, Sequence
 
@@ -46,6 +44,7 @@ from absl import logging
 
 import experiments
 from experiments import convrfm as exp
+from experiments import multihost
 from jconvrfm._src import convrfm as crfm
 
 FLAGS = flags.FLAGS
@@ -177,21 +176,20 @@ def _init(data, base: crfm.ConvRFMConfig, seed: int, protocol: str) -> crfm.Conv
 def run(values) -> Dict[str, Any]:
   """The whole study for parsed flag `values`; returns the summary dict."""
   _check_flags(values)
+  multihost.initialize(values)
   seeds = parse_seeds(values.seeds)
   protocols = list(values.protocols)
   base = crfm.check_config(exp.config_from_flags(values)._replace(seed=0, select_on_test=False))
   shared = {k: v for k, v in base._asdict().items() if k not in ('seed', 'select_on_test')}
   data_cfg = {k: v for k, v in exp.data_config(values).items() if k != 'seed'}
-  workdir = values.workdir or tempfile.mkdtemp(prefix='convrfm_seeds_')
   # The first seed's data and splits are loaded and checked before the workdir is touched.
   first = exp.load_data(values.dataset, values.train_split, values.test_split, values.n_train,
                         values.n_test, seeds[0], values.tfds_data_dir, values.manual_dir)
   for protocol in protocols:
     _init(first, base, seeds[0], protocol)
-  path = exp.prepare_workdir(workdir, dict(data_cfg, convrfm=shared))
-  runs_path = pathlib.Path(path) / 'runs.jsonl'
-  lines = ([json.loads(l) for l in runs_path.read_text().splitlines() if l.strip()]
-           if runs_path.exists() else [])
+  wd = exp.prepare_workdir(values.workdir, dict(data_cfg, convrfm=shared),
+                          prefix='convrfm_seeds_')
+  lines = [json.loads(l) for l in (wd.read_text('runs.jsonl') or '').splitlines() if l.strip()]
   done = {(l['seed'], l['protocol']) for l in lines}
   for seed in seeds:
     todo = [p for p in protocols if (seed, p) not in done]
@@ -207,12 +205,11 @@ def run(values) -> Dict[str, Any]:
         state = crfm.convrfm_step(state)
       line = run_line(state, seed, protocol, time.perf_counter() - start)
       lines.append(line)
-      exp.atomic_write_bytes(runs_path, ''.join(json.dumps(l, sort_keys=True) + '\n'
-                                                for l in lines).encode())
+      wd.write_text('runs.jsonl', ''.join(json.dumps(l, sort_keys=True) + '\n' for l in lines))
       logging.info('seed %d, %s: test accuracy per round %s (%.1f s)', seed, protocol,
                    line['test_acc'], line['seconds_total'])
   summary = summarize(lines, seeds, protocols, values.min_gain)
-  exp.atomic_write_json(pathlib.Path(path) / 'summary.json', summary)
+  wd.write_json('summary.json', summary)
   print(format_table(summary))
   return summary
 

@@ -31,16 +31,15 @@ can copy its finished rounds from an earlier run instead of recomputing them:
   python -m experiments.deep_convrfm --workdir=/tmp/deep_cifar_fs1 <the same flags> \
     --filter_seed=1 --layer0_from=/tmp/deep_cifar
 
+Multi-host: `--distributed` on every host, as for `experiments.convrfm`.
+
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
   convolutional neural networks. arXiv:2309.00570, 2023.
 """
 
 import itertools
-import json
-import pathlib
 import resource
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -53,6 +52,7 @@ import numpy as np
 
 import experiments
 from experiments import convrfm as exp
+from experiments import multihost
 from jconvrfm._src import convrfm as crfm
 from jconvrfm._src import deep_convrfm as deep
 
@@ -88,42 +88,43 @@ _FILTER_ONLY_KEYS = ('filter_seed', 'width', 'sampler', 'nonlinearity', 'filter_
                      'final_rounds')
 
 
-def _layer0_source(source: str, cfg_dict: Dict[str, Any], n_layers: int) -> pathlib.Path:
+def _layer0_source(source: str, cfg_dict: Dict[str, Any], n_layers: int) -> multihost.Workdir:
   """Checks that `source` holds finished layer-0 rounds of a run compatible with `cfg_dict`."""
-  src = pathlib.Path(source)
+  src = multihost.Workdir(source)
   if n_layers < 1:
     raise ValueError('--layer0_from needs at least one learned layer (--layers >= 1): with '
                      '--layers=0 layer 0 is the final ConvRFM.')
-  cfg_path = src / 'config.json'
-  if not cfg_path.is_file():
+  saved = src.read_json('config.json')
+  if saved is None:
     raise ValueError(f'--layer0_from: {src} is not a deep_convrfm workdir (no config.json).')
-  if not (src / 'layer0_round_0.npz').is_file() or not (src / 'layer0_metrics.jsonl').is_file():
+  if not src.exists('layer0_round_0.npz') or not src.exists('layer0_metrics.jsonl'):
     raise ValueError(f'--layer0_from: {src} has no finished layer-0 round.')
-  diff = exp.config_diff(json.loads(cfg_path.read_text()), cfg_dict, ignore=_FILTER_ONLY_KEYS)
+  diff = exp.config_diff(saved, cfg_dict, ignore=_FILTER_ONLY_KEYS)
   if diff:
     raise ValueError(f'--layer0_from: {src} ran layer 0 with different settings (differs in '
                      f'{diff}); only {list(_FILTER_ONLY_KEYS)} may differ.')
   return src
 
 
-def _copy_layer0(src: pathlib.Path, dst: pathlib.Path) -> int:
+def _copy_layer0(src: multihost.Workdir, dst: multihost.Workdir) -> int:
   """Copies layer 0's finished rounds (and figures) from `src` unless `dst` has as many.
 
   Returns the number of layer-0 rounds copied. The metrics file goes first and each round file
-  (the commit point of a round, as in `run_rounds`) after it.
+  (the commit point of a round, as in `run_rounds`) after it. In a multi-process run process 0
+  copies; the others read the copies through it when the rounds are restored.
   """
   count = lambda d: next(t for t in itertools.count()
-                         if not (d / f'layer0_round_{t}.npz').exists())
+                         if not d.exists(f'layer0_round_{t}.npz'))
   n_src = count(src)
   if count(dst) >= n_src:
     return 0
-  for fig in sorted(src.glob('layer0_*round*.png')):
-    exp.atomic_write_bytes(dst / fig.name, fig.read_bytes())
-  exp.atomic_write_bytes(dst / 'layer0_metrics.jsonl',
-                         (src / 'layer0_metrics.jsonl').read_bytes())
-  for t in range(n_src):
-    name = f'layer0_round_{t}.npz'
-    exp.atomic_write_bytes(dst / name, (src / name).read_bytes())
+  if multihost.is_writer():
+    for name in sorted(p.name for p in src.root.glob('layer0_*round*.png')):
+      dst.write_bytes(name, (src / name).read_bytes())
+    dst.write_bytes('layer0_metrics.jsonl', (src / 'layer0_metrics.jsonl').read_bytes())
+    for t in range(n_src):
+      name = f'layer0_round_{t}.npz'
+      dst.write_bytes(name, (src / name).read_bytes())
   return n_src
 
 
@@ -137,7 +138,7 @@ def config_from_flags(values) -> deep.DeepConvRFMConfig:
 
 def run(values) -> Dict[str, Any]:
   """The whole experiment for parsed flag `values`; returns the summary dict."""
-  workdir = values.workdir or tempfile.mkdtemp(prefix='deep_convrfm_')
+  multihost.initialize(values)
   start = time.perf_counter()
   config, n_layers = deep._check_deep_config(  # pylint: disable=protected-access
       config_from_flags(values))
@@ -164,10 +165,10 @@ def run(values) -> Dict[str, Any]:
     cfg_dict['filter_seed'] = values.filter_seed
   layer0_src = (None if values.layer0_from is None else
                 _layer0_source(values.layer0_from, cfg_dict, n_layers))
-  logging.info('Writing to %s.', workdir)
-  path = exp.prepare_workdir(workdir, cfg_dict)
-  if layer0_src is not None and layer0_src.resolve() != path.resolve():
-    copied = _copy_layer0(layer0_src, path)
+  wd = exp.prepare_workdir(values.workdir, cfg_dict, prefix='deep_convrfm_')
+  logging.info('Writing to %s.', wd)
+  if layer0_src is not None and layer0_src.root.resolve() != wd.root.resolve():
+    copied = _copy_layer0(layer0_src, wd)
     logging.info('Copied %d finished layer-0 round(s) from %s.', copied, layer0_src)
   feats = {'fit': init.x_fit, 'val': init.x_val, 'test': init.x_test}
   key = jax.random.PRNGKey(config.seed)
@@ -184,13 +185,13 @@ def run(values) -> Dict[str, Any]:
                               x_val=feats['val'], y_val=init.y_val, x_test=feats['test'],
                               y_test=init.y_test, num_classes=init.num_classes)
     channels = feats['fit'].shape[-1]
-    state = exp.run_rounds(state, path, prefix=f'layer{l}_',
+    state = exp.run_rounds(state, wd, prefix=f'layer{l}_',
                            sample_image=np.asarray(feats['fit'][0]) if channels <= 3 else None,
                            line_extra={'layer': l, 'kernel_depth': depth}, figures=(l == 0))
     lines = []
     for k in range(l + 1):
-      lines += (path / f'layer{k}_metrics.jsonl').read_text().splitlines()
-    exp.atomic_write_bytes(path / 'metrics.jsonl', ('\n'.join(lines) + '\n').encode())
+      lines += (wd.read_text(f'layer{k}_metrics.jsonl') or '').splitlines()
+    wd.write_text('metrics.jsonl', '\n'.join(lines) + '\n')
     return state
 
   for l in range(n_layers):
@@ -198,17 +199,17 @@ def run(values) -> Dict[str, Any]:
     cntk_round = cntk_round or state.history[0]
     best = crfm.best_round(state)
     key, sub = jax.random.split(key)
-    filters_path = path / f'layer{l}_filters.npy'
     c = feats['fit'].shape[-1]
-    if filters_path.exists():
-      filters = jnp.asarray(np.load(filters_path), base.dtype)
+    saved = wd.load_npy(f'layer{l}_filters.npy')
+    if saved is not None:
+      filters = jnp.asarray(saved, base.dtype)
     else:
       filters = deep.sample_filters(deep.filter_metric(config, best.metric), config.width, sub,
                                     patch_size=base.patch_size, channels=c,
                                     sampler=config.sampler)
-      exp.atomic_write_bytes(path / f'layer{l}_metric.npy', _npy(best.metric))
-      exp.atomic_write_bytes(filters_path, _npy(filters))
-    exp.plot_eigenfilters(best.metric, base.patch_size, c, path / f'layer{l}_eigenfilters.png',
+      wd.save_npy(f'layer{l}_metric.npy', best.metric)
+      wd.save_npy(f'layer{l}_filters.npy', filters)
+    exp.plot_eigenfilters(best.metric, base.patch_size, c, wd, f'layer{l}_eigenfilters.png',
                           f'layer {l} (best round {best.round}): top eigenvectors of M')
     feats = {k: None if v is None else deep.featurize_layer(
         v, filters, padding=base.padding, nonlinearity=config.nonlinearity)
@@ -232,7 +233,7 @@ def run(values) -> Dict[str, Any]:
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   if layer0_src is not None:
     summary['layer0_from'] = str(layer0_src)
-  exp.atomic_write_json(path / 'summary.json', summary)
+  wd.write_json('summary.json', summary)
   msg = (f'CNTK (depth {base.depth}, round 0) test accuracy {summary["cntk_test_acc"]}, Deep '
          f'ConvRFM ({n_layers} learned layer(s)) {summary["deep_convrfm_test_acc"]}')
   if final.refits:
@@ -241,13 +242,6 @@ def run(values) -> Dict[str, Any]:
   logging.info(msg)
   print(msg)
   return summary
-
-
-def _npy(a) -> bytes:
-  import io  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  np.save(buf, np.asarray(a))
-  return buf.getvalue()
 
 
 def main(argv):

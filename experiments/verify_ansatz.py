@@ -36,7 +36,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from absl import app
 from absl import flags

@@ -1,0 +1,208 @@
+"""experiments/multihost.py: the shared workdir, and the binaries run as two processes."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import convrfm as exp
+from experiments import deep_convrfm as deep_exp
+from experiments import multihost
+
+from tests.experiments_test import _values
+from tests.experiments_test import TINY
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# One process: plain files, atomic writes.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_workdir_reads_what_it_wrote_and_none_for_missing_files(tmp_path):
+  wd = multihost.Workdir.create(str(tmp_path / 'a' / 'b'))
+  assert wd.root.is_dir()
+  assert wd.read_bytes('x.bin') is None and wd.load_npz('r.npz') is None
+  assert not wd.exists('x.bin') and wd.glob('*') == []
+  wd.write_bytes('x.bin', b'\x00\x01payload')
+  wd.write_json('c.json', {'q': 3, 'ridges': (1e-3,)})
+  a = np.arange(12, dtype=np.float32).reshape(3, 4)
+  wd.save_npz('r.npz', metric=a, round=np.asarray(2))
+  wd.save_npy('f.npy', a.T)
+  assert (tmp_path / 'a' / 'b' / 'x.bin').read_bytes() == b'\x00\x01payload'
+  assert wd.read_bytes('x.bin') == b'\x00\x01payload' and wd.exists('x.bin')
+  assert wd.read_json('c.json') == {'q': 3, 'ridges': [1e-3]}
+  z = wd.load_npz('r.npz')
+  np.testing.assert_array_equal(z['metric'], a)
+  assert int(z['round']) == 2
+  np.testing.assert_array_equal(wd.load_npy('f.npy'), a.T)
+  assert wd.glob('*.np?') == ['f.npy', 'r.npz']
+  # Every write went through a temporary file that was renamed: none is left behind.
+  assert sorted(p.name for p in wd.root.iterdir()) == ['c.json', 'f.npy', 'r.npz', 'x.bin']
+
+
+def test_workdir_write_failure_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+  wd = multihost.Workdir.create(str(tmp_path))
+  wd.write_text('m.jsonl', 'old\n')
+
+  def fail(src, dst):
+    raise OSError(f'disk full while renaming {src} to {dst}')
+
+  monkeypatch.setattr(multihost.os, 'replace', fail)
+  with pytest.raises(OSError, match='disk full'):
+    wd.write_text('m.jsonl', 'new\n')
+  monkeypatch.undo()
+  assert wd.read_text('m.jsonl') == 'old\n'
+  assert [p.name for p in tmp_path.iterdir()] == ['m.jsonl']
+
+
+def test_workdir_create_without_root_makes_a_temporary_folder():
+  wd = multihost.Workdir.create(None, prefix='jconvrfm_mh_test_')
+  try:
+    assert wd.root.is_dir() and wd.root.name.startswith('jconvrfm_mh_test_')
+  finally:
+    wd.root.rmdir()
+
+
+def test_workdir_save_figure_writes_a_png(tmp_path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots()
+  ax.plot([0, 1], [1, 0])
+  wd = multihost.Workdir.create(str(tmp_path))
+  wd.save_figure('f.png', fig, dpi=50)
+  assert (tmp_path / 'f.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not plt.fignum_exists(fig.number)
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--process_id=1'], '--process_id need --distributed'),
+    (['--num_processes=2', '--coordinator_address=h:1'],
+     '--coordinator_address, --num_processes need --distributed'),
+    (['--distributed', '--num_processes=0'], 'num_processes must be positive'),
+    (['--distributed', '--num_processes=2', '--process_id=2'], r'process_id must be in'),
+])
+def test_distributed_flags_are_checked_before_anything_runs(tmp_path, argv, match):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=match):
+    exp.run(_values(exp.define_flags, TINY + [f'--workdir={workdir}'] + argv))
+  assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes x two CPU devices (gloo), as on two hosts of a pod slice.
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> str:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return str(s.getsockname()[1])
+
+
+def _launch(module: str, argvs, native: bool, timeout: int = 300):
+  """Runs `python -m module` as processes 0 and 1 of one distributed run; returns their
+  (return codes, logs).
+
+  With `native=False` kernel matrices take the XLA tile path, whose tiles go to the devices
+  of both processes (as on a TPU pod slice); the native CPU kernel computes each matrix
+  whole in every process.
+  """
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JCONVRFM_NATIVE='1' if native else '0')
+  procs = []
+  for i, argv in enumerate(argvs):
+    cmd = [sys.executable, '-m', module, '--distributed', f'--coordinator_address=localhost:{port}',
+           '--num_processes=2', f'--process_id={i}', '--jax_cpu_collectives_implementation=gloo',
+           *argv]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT))
+  try:
+    logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [p.returncode for p in procs], logs
+
+
+def _summary_line(log: str) -> str:
+  return next(l for l in log.splitlines() if l.startswith(('CNTK (round 0)', 'CNTK (depth')))
+
+
+def test_convrfm_binary_on_two_processes_matches_one_and_only_process_0_writes(tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.setenv('JCONVRFM_NATIVE', '0')
+  ref_dir, run_dir, other = tmp_path / 'ref', tmp_path / 'run', tmp_path / 'process1'
+  ref = exp.run(_values(exp.define_flags, TINY + [f'--workdir={ref_dir}']))
+  # Process 1 is pointed at a folder of its own: it must neither create nor read it.
+  codes, logs = _launch('experiments.convrfm',
+                        [TINY + [f'--workdir={run_dir}'], TINY + [f'--workdir={other}']],
+                        native=False)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  assert not other.exists()
+  # Both processes computed the same run, the one a single process computes.
+  assert _summary_line(logs[0]) == _summary_line(logs[1])
+  summary = json.loads((run_dir / 'summary.json').read_text())
+  assert summary['test_acc_per_round'] == ref['test_acc_per_round']
+  assert summary['test_acc_fit_only_per_round'] == ref['test_acc_fit_only_per_round']
+  assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+  for t in range(2):
+    with np.load(run_dir / f'round_{t}.npz') as z, np.load(ref_dir / f'round_{t}.npz') as r:
+      for k in ('metric', 'alpha', 'refit_alpha'):
+        np.testing.assert_allclose(z[k], r[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+  # Killed after round 0: both processes resume from process 0's files (process 1 has none).
+  (run_dir / 'round_1.npz').unlink()
+  before = (run_dir / 'round_0.npz').stat().st_mtime_ns
+  codes, logs = _launch('experiments.convrfm',
+                        [TINY + [f'--workdir={run_dir}'], TINY + [f'--workdir={other}']],
+                        native=False)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  for log in logs:
+    assert 'Restored 1 finished round(s)' in log, log[-3000:]
+  assert not other.exists()
+  assert (run_dir / 'round_0.npz').stat().st_mtime_ns == before
+  again = json.loads((run_dir / 'summary.json').read_text())
+  assert again['test_acc_per_round'] == ref['test_acc_per_round']
+
+  # Another configuration in the workdir: every process refuses it, not process 0 alone.
+  codes, logs = _launch('experiments.convrfm', [TINY + [f'--workdir={run_dir}', '--power=1.0'],
+                                                TINY + [f'--workdir={other}', '--power=1.0']],
+                        native=False)
+  assert codes[0] != 0 and codes[1] != 0
+  for log in logs:
+    assert 'holds a run with a different configuration' in log, log[-3000:]
+  assert not other.exists()
+
+
+def test_deep_convrfm_binary_on_two_processes_matches_one(tmp_path):
+  argv = ['--dataset=bars', '--n_train=16', '--n_test=8', '--q=3', '--depth=2', '--rounds=2',
+          '--val_fraction=0.25', '--ridges=1e-6,1e-2', '--width=4']
+  ref = deep_exp.run(_values(deep_exp.define_flags, argv + [f'--workdir={tmp_path / "ref"}']))
+  run_dir, other = tmp_path / 'run', tmp_path / 'process1'
+  codes, logs = _launch('experiments.deep_convrfm',
+                        [argv + [f'--workdir={run_dir}'], argv + [f'--workdir={other}']],
+                        native=True)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  assert not other.exists()
+  assert _summary_line(logs[0]) == _summary_line(logs[1])
+  summary = json.loads((run_dir / 'summary.json').read_text())
+  assert summary['deep_convrfm_test_acc'] == ref['deep_convrfm_test_acc']
+  assert summary['layers'][0]['test_acc_per_round'] == ref['layers'][0]['test_acc_per_round']
+  np.testing.assert_allclose(np.load(run_dir / 'layer0_filters.npy'),
+                             np.load(tmp_path / 'ref' / 'layer0_filters.npy'),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_docstring_example():
+  import doctest  # pylint: disable=g-import-not-at-top
+  assert doctest.testmod(multihost).failed == 0
