@@ -7,7 +7,9 @@ Compiled programs go to a persistent compilation cache of this test run (a fresh
 folder, removed at the end; `JAX_COMPILATION_CACHE_DIR` overrides it). The pytest-xdist
 workers inherit its path from the controlling process, so a program that several tests or
 both workers build (the same HLO under different jit wrappers) is compiled once. It changes
-no result: a cached program is the same executable.
+no result: a cached program is the same executable. The folder's name carries the creating
+process's id; folders left by runs that were killed (their process gone) are removed when
+the next run starts.
 """
 
 import os
@@ -23,9 +25,27 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Set up in the first process that imports this file (the xdist controller, or the only
 # process); its subprocesses, the xdist workers among them, inherit the variables and so
 # find the cache already set, as they would a user's own.
+_CACHE_PREFIX = 'jconvrfm-test-xla-cache-'
+
+
+def _remove_orphaned_caches():
+  """Removes cache folders of earlier test runs whose creating process no longer exists."""
+  for path in pathlib.Path(tempfile.gettempdir()).glob(_CACHE_PREFIX + '*'):
+    pid = path.name[len(_CACHE_PREFIX):].partition('-')[0]
+    if not pid.isdigit():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # the process exists (e.g. another user's): leave its folder
+      pass
+
+
 _OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix='jconvrfm-test-xla-cache-')
+  _remove_orphaned_caches()
+  _OWN_CACHE = tempfile.mkdtemp(prefix=f'{_CACHE_PREFIX}{os.getpid()}-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

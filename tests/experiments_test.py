@@ -351,9 +351,13 @@ def test_binaries_cache_compiled_programs_by_default(tmp_path, disable):
   import pathlib  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  from jconvrfm._src.kernels import native  # pylint: disable=g-import-not-at-top
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
-  env.update(PYTHONPATH=str(repo), XDG_CACHE_HOME=str(tmp_path / 'xdg'))
+  # A fresh XDG cache for jax's programs, but the native kernel library already built (it
+  # would otherwise be compiled again under the new XDG folder).
+  env.update(PYTHONPATH=str(repo), XDG_CACHE_HOME=str(tmp_path / 'xdg'),
+             JCONVRFM_CACHE_DIR=str(native.cache_dir()))
   extra = ['--nojax_enable_compilation_cache'] if disable else []
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.convrfm', f'--workdir={tmp_path / "run"}', *TINY,
