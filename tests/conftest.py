@@ -10,6 +10,14 @@ both workers build (the same HLO under different jit wrappers) is compiled once.
 no result: a cached program is the same executable. The folder's name carries the creating
 process's id; folders left by runs that were killed (their process gone) are removed when
 the next run starts.
+
+Programs are compiled with `JAX_DISABLE_MOST_OPTIMIZATIONS=1` unless the variable is set:
+jax then asks XLA for backend optimisation level 0 (LLVM's expensive passes off). The HLO
+programs are those users run; their machine code is slower and may round differently (a
+float32 CNTK matrix and its input gradient differed by 2e-7 relative from the optimised
+code's, float32 rounding). The suite's programs are small and its
+time is mostly compilation: the whole suite takes about a fifth less time (WORKSPACE.md).
+Set the variable to 0 to test fully optimised code.
 """
 
 import os
@@ -21,6 +29,7 @@ os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 # Set up in the first process that imports this file (the xdist controller, or the only
 # process); its subprocesses, the xdist workers among them, inherit the variables and so
