@@ -17,7 +17,8 @@ programs are those users run; their machine code is slower and may round differe
 float32 CNTK matrix and its input gradient differed by 2e-7 relative from the optimised
 code's, float32 rounding). The suite's programs are small and its
 time is mostly compilation: the whole suite takes about a fifth less time (WORKSPACE.md).
-Set the variable to 0 to test fully optimised code.
+Set the variable to 0 to test fully optimised code; `experiments_test.py` also runs one
+binary fully optimised and compares it with the same run here.
 """
 
 import os
