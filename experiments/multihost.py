@@ -25,7 +25,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from absl import flags
 from absl import logging
@@ -184,11 +184,6 @@ class Workdir:
 
   def exists(self, name: str) -> bool:
     return bool(broadcast_json((self.root / name).is_file() if is_writer() else None))
-
-  def glob(self, pattern: str) -> List[str]:
-    """Sorted names of the files matching `pattern` (process 0's listing)."""
-    return broadcast_json(sorted(p.name for p in self.root.glob(pattern)) if is_writer()
-                          else None)
 
   # Writes: process 0 only.
 

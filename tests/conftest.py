@@ -32,9 +32,6 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
-# Set up in the first process that imports this file (the xdist controller, or the only
-# process); its subprocesses, the xdist workers among them, inherit the variables and so
-# find the cache already set, as they would a user's own.
 _CACHE_PREFIX = 'jconvrfm-test-xla-cache-'
 
 
@@ -52,6 +49,9 @@ def _remove_orphaned_caches():
       pass
 
 
+# Set up in the first process that imports this file (the xdist controller, or the only
+# process); its subprocesses, the xdist workers among them, inherit the variables and so
+# find the cache already set, as they would a user's own.
 _OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _remove_orphaned_caches()

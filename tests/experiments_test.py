@@ -24,6 +24,15 @@ def _values(define, argv):
   return fv
 
 
+def assert_same_rounds(dir_a, dir_b, rounds: int, prefix: str = ''):
+  """The learned arrays of `<prefix>round_<t>.npz` agree to float32 rounding in both folders."""
+  for t in range(rounds):
+    with np.load(dir_a / f'{prefix}round_{t}.npz') as a, \
+         np.load(dir_b / f'{prefix}round_{t}.npz') as b:
+      for k in ('metric', 'alpha', 'refit_alpha'):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f'round {t} {k}')
+
+
 class _CountSteps:
   """Wraps `convrfm_step` to count how many rounds actually run."""
 
@@ -376,11 +385,7 @@ def test_binaries_cache_compiled_programs_by_default(tmp_path, disable):
   here = exp.run(_values(exp.define_flags, TINY + [f'--workdir={tmp_path / "here"}']))
   there = json.loads((tmp_path / 'run' / 'summary.json').read_text())
   assert there['test_acc_per_round'] == here['test_acc_per_round']
-  for t in range(2):
-    with np.load(tmp_path / 'run' / f'round_{t}.npz') as a, \
-         np.load(tmp_path / 'here' / f'round_{t}.npz') as b:
-      for k in ('metric', 'alpha', 'refit_alpha'):
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert_same_rounds(tmp_path / 'run', tmp_path / 'here', 2)
 
 
 def test_convrfm_seeds_matches_single_runs_summarises_and_resumes(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from experiments import deep_convrfm as deep_exp
 from experiments import multihost
 
 from tests.experiments_test import _values
+from tests.experiments_test import assert_same_rounds
 from tests.experiments_test import TINY
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ def test_workdir_reads_what_it_wrote_and_none_for_missing_files(tmp_path):
   wd = multihost.Workdir.create(str(tmp_path / 'a' / 'b'))
   assert wd.root.is_dir()
   assert wd.read_bytes('x.bin') is None and wd.load_npz('r.npz') is None
-  assert not wd.exists('x.bin') and wd.glob('*') == []
+  assert not wd.exists('x.bin') and not any(wd.root.iterdir())
   wd.write_bytes('x.bin', b'\x00\x01payload')
   wd.write_json('c.json', {'q': 3, 'ridges': (1e-3,)})
   a = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -42,7 +43,6 @@ def test_workdir_reads_what_it_wrote_and_none_for_missing_files(tmp_path):
   np.testing.assert_array_equal(z['metric'], a)
   assert int(z['round']) == 2
   np.testing.assert_array_equal(wd.load_npy('f.npy'), a.T)
-  assert wd.glob('*.np?') == ['f.npy', 'r.npz']
   # Every write went through a temporary file that was renamed: none is left behind.
   assert sorted(p.name for p in wd.root.iterdir()) == ['c.json', 'f.npy', 'r.npz', 'x.bin']
 
@@ -107,11 +107,12 @@ def _free_port() -> str:
     return str(s.getsockname()[1])
 
 
-def _launch(module: str, argvs, native: bool, timeout: int = 300):
+def _launch(module: str, argv, run_dir, other, native: bool, timeout: int = 300):
   """Runs `python -m module` as processes 0 and 1 of one distributed run; returns their
   (return codes, logs).
 
-  With `native=False` kernel matrices take the XLA tile path, whose tiles go to the devices
+  Process 0 gets `--workdir=run_dir`, process 1 `--workdir=other`, a folder of its own that
+  it must neither create nor read (process 0 owns the workdir). With `native=False` kernel matrices take the XLA tile path, whose tiles go to the devices
   of both processes (as on a TPU pod slice); the native CPU kernel computes each matrix
   whole in every process.
   """
@@ -119,10 +120,10 @@ def _launch(module: str, argvs, native: bool, timeout: int = 300):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JCONVRFM_NATIVE='1' if native else '0')
   procs = []
-  for i, argv in enumerate(argvs):
+  for i, workdir in enumerate((run_dir, other)):
     cmd = [sys.executable, '-m', module, '--distributed', f'--coordinator_address=localhost:{port}',
            '--num_processes=2', f'--process_id={i}', '--jax_cpu_collectives_implementation=gloo',
-           *argv]
+           *argv, f'--workdir={workdir}']
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT))
   try:
@@ -131,7 +132,16 @@ def _launch(module: str, argvs, native: bool, timeout: int = 300):
     for p in procs:
       if p.poll() is None:
         p.kill()
+  assert not other.exists(), 'process 1 created its workdir'
   return [p.returncode for p in procs], logs
+
+
+def _launch_ok(*args, **kwargs):
+  """`_launch` that must succeed in both processes, with the same summary line; the logs."""
+  codes, logs = _launch(*args, **kwargs)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  assert _summary_line(logs[0]) == _summary_line(logs[1])
+  return logs
 
 
 def _summary_line(log: str) -> str:
@@ -143,45 +153,30 @@ def test_convrfm_binary_on_two_processes_matches_one_and_only_process_0_writes(t
   monkeypatch.setenv('JCONVRFM_NATIVE', '0')
   ref_dir, run_dir, other = tmp_path / 'ref', tmp_path / 'run', tmp_path / 'process1'
   ref = exp.run(_values(exp.define_flags, TINY + [f'--workdir={ref_dir}']))
-  # Process 1 is pointed at a folder of its own: it must neither create nor read it.
-  codes, logs = _launch('experiments.convrfm',
-                        [TINY + [f'--workdir={run_dir}'], TINY + [f'--workdir={other}']],
-                        native=False)
-  assert codes == [0, 0], [l[-3000:] for l in logs]
-  assert not other.exists()
-  # Both processes computed the same run, the one a single process computes.
-  assert _summary_line(logs[0]) == _summary_line(logs[1])
+  # Both processes compute the same run, the one a single process computes.
+  _launch_ok('experiments.convrfm', TINY, run_dir, other, native=False)
   summary = json.loads((run_dir / 'summary.json').read_text())
   assert summary['test_acc_per_round'] == ref['test_acc_per_round']
   assert summary['test_acc_fit_only_per_round'] == ref['test_acc_fit_only_per_round']
   assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
-  for t in range(2):
-    with np.load(run_dir / f'round_{t}.npz') as z, np.load(ref_dir / f'round_{t}.npz') as r:
-      for k in ('metric', 'alpha', 'refit_alpha'):
-        np.testing.assert_allclose(z[k], r[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert_same_rounds(run_dir, ref_dir, 2)
 
   # Killed after round 0: both processes resume from process 0's files (process 1 has none).
   (run_dir / 'round_1.npz').unlink()
   before = (run_dir / 'round_0.npz').stat().st_mtime_ns
-  codes, logs = _launch('experiments.convrfm',
-                        [TINY + [f'--workdir={run_dir}'], TINY + [f'--workdir={other}']],
-                        native=False)
-  assert codes == [0, 0], [l[-3000:] for l in logs]
+  logs = _launch_ok('experiments.convrfm', TINY, run_dir, other, native=False)
   for log in logs:
     assert 'Restored 1 finished round(s)' in log, log[-3000:]
-  assert not other.exists()
   assert (run_dir / 'round_0.npz').stat().st_mtime_ns == before
   again = json.loads((run_dir / 'summary.json').read_text())
   assert again['test_acc_per_round'] == ref['test_acc_per_round']
 
   # Another configuration in the workdir: every process refuses it, not process 0 alone.
-  codes, logs = _launch('experiments.convrfm', [TINY + [f'--workdir={run_dir}', '--power=1.0'],
-                                                TINY + [f'--workdir={other}', '--power=1.0']],
+  codes, logs = _launch('experiments.convrfm', TINY + ['--power=1.0'], run_dir, other,
                         native=False)
   assert codes[0] != 0 and codes[1] != 0
   for log in logs:
     assert 'holds a run with a different configuration' in log, log[-3000:]
-  assert not other.exists()
 
 
 def test_deep_convrfm_binary_on_two_processes_matches_one(tmp_path):
@@ -189,12 +184,7 @@ def test_deep_convrfm_binary_on_two_processes_matches_one(tmp_path):
           '--val_fraction=0.25', '--ridges=1e-6,1e-2', '--width=4']
   ref = deep_exp.run(_values(deep_exp.define_flags, argv + [f'--workdir={tmp_path / "ref"}']))
   run_dir, other = tmp_path / 'run', tmp_path / 'process1'
-  codes, logs = _launch('experiments.deep_convrfm',
-                        [argv + [f'--workdir={run_dir}'], argv + [f'--workdir={other}']],
-                        native=True)
-  assert codes == [0, 0], [l[-3000:] for l in logs]
-  assert not other.exists()
-  assert _summary_line(logs[0]) == _summary_line(logs[1])
+  _launch_ok('experiments.deep_convrfm', argv, run_dir, other, native=True)
   summary = json.loads((run_dir / 'summary.json').read_text())
   assert summary['deep_convrfm_test_acc'] == ref['deep_convrfm_test_acc']
   assert summary['layers'][0]['test_acc_per_round'] == ref['layers'][0]['test_acc_per_round']
