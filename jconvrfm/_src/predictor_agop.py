@@ -34,7 +34,12 @@ CNTK's C++ custom call, `kernels/native.py`) run the reverse pass of each (sampl
 images) pair block and its contraction with the training patches in cache, in one call per
 chunk of samples: no pair-sized array is ever written. It evaluates every ordered pair (twice
 the reverse passes of the symmetric XLA path) and is still 1.5-1.6x faster than it on a 2-core
-Xeon (see WORKSPACE.md); float64, accelerators and several devices keep the XLA paths.
+Xeon (see WORKSPACE.md); float64, accelerators and several devices per process keep the
+XLA paths.
+
+Every path spreads its work over devices, and over the processes of a multi-host run: each
+process computes its share of the blocks and the sums are added over processes
+(`_DeviceAccumulators`).
 
 Past `FEATURE_MIN_DIM` (patch dimension 64; Deep ConvRFM layers on many feature maps) such a
 kernel's AGOP works on patch features `t = F^T p` with `F F^T = M`
@@ -68,6 +73,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
@@ -431,15 +437,25 @@ class _DeviceAccumulators:
 
   Work items (block pairs, or sample blocks) are handed to the device with the least work
   so far (ties: the lower index), in a fixed order, so the assignment and hence the result
-  depend only on the inputs and the number of devices. Each device keeps its own copies of the
-  inputs it reads and of the accumulators it updates (created on first use); `gather`
-  adds the copies of one accumulator on `devices[0]` at the end. With one device this is the
-  plain sequential loop. jax dispatches asynchronously, so the devices run concurrently
-  while the host loop hands out the next items.
+  depend only on the inputs and the devices. Each device keeps its own copies of the inputs it
+  reads and of the accumulators it updates (created on first use); `gather` adds the copies
+  of one accumulator. With one device this is the plain sequential loop. jax dispatches
+  asynchronously, so the devices run concurrently while the host loop hands out the next
+  items.
+
+  Devices of several processes (multi-host, see `_check_devices`): every process runs the
+  same host loop and so makes the same assignment, but works only on the items of its own
+  devices (`local(dev)`); `gather` then adds the processes' sums with one all-reduce
+  (`_sum_over_processes`), so every process receives the same total.
   """
 
   def __init__(self, devices):
     self.devices = list(devices)
+    here = jax.process_index()
+    self._local = [d.process_index == here for d in self.devices]
+    # Where this process's sums are added (the first of its devices in `devices`).
+    self.home = self.devices[self._local.index(True)]
+    self.multi_process = not all(self._local)
     self.load = [0.0] * len(self.devices)
     self._inputs = {}
     self.acc = [{} for _ in self.devices]
@@ -450,6 +466,10 @@ class _DeviceAccumulators:
     self.load[dev] += cost
     return dev
 
+  def local(self, dev: int) -> bool:
+    """Whether device `dev` (an index into `devices`) belongs to this process."""
+    return self._local[dev]
+
   def put(self, dev: int, key, make):
     """The inputs `make()` under `key` on device `dev`, transferred once."""
     if (dev, key) not in self._inputs:
@@ -457,26 +477,85 @@ class _DeviceAccumulators:
     return self._inputs[(dev, key)]
 
   def gather(self, key, zeros):
-    """Sum over devices of accumulator `key` (a pytree), on `devices[0]`; `zeros()` if none."""
-    parts = [jax.device_put(acc[key], self.devices[0]) for acc in self.acc if key in acc]
+    """Sum over devices of accumulator `key` (a pytree), on `home`; `zeros()` if none.
+
+    With devices of several processes this is a collective: every process must call it, for
+    the same keys in the same order.
+    """
+    parts = [jax.device_put(acc[key], self.home) for acc in self.acc if key in acc]
     if not parts:
-      return zeros()
-    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
+      total = jax.device_put(zeros(), self.home)
+    else:
+      total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
+    if self.multi_process:
+      total = _sum_over_processes(total, self.devices)
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _process_sum_program(devices: Tuple[jax.Device, ...]):
+  mesh = Mesh(np.array(devices), ('processes',))
+  return (NamedSharding(mesh, PartitionSpec('processes')),
+          jax.jit(lambda t: jax.tree.map(lambda a: jnp.sum(a, axis=0), t),
+                  out_shardings=NamedSharding(mesh, PartitionSpec())))
+
+
+def _sum_over_processes(tree, devices: Sequence[jax.Device]):
+  """The sum over processes of `tree`, a pytree of arrays of the same shapes on each process.
+
+  A collective over the processes of `devices` (every one of them must call it): one device
+  per process (its first in `devices`) holds its process's term, and one jitted sum over the
+  process axis, replicated, is XLA's all-reduce. Every process receives the same total (the
+  collective adds the terms once and shares the result), on its own first device.
+  """
+  firsts = {}
+  for d in devices:
+    firsts.setdefault(d.process_index, d)
+  mesh_devices = tuple(firsts[p] for p in sorted(firsts))
+  home = firsts[jax.process_index()]
+  sharding, program = _process_sum_program(mesh_devices)
+
+  def global_array(x):
+    x = jax.device_put(x, home)
+    return jax.make_array_from_single_device_arrays(
+        (len(mesh_devices),) + x.shape, sharding, [x[None]])
+
+  total = program(jax.tree.map(global_array, tree))
+  return jax.tree.map(lambda a: a.addressable_data(0), total)
 
 
 def _check_devices(devices) -> list:
+  """The AGOP's devices: `devices` checked, or the default.
+
+  Default: in a single-process run, every local device of an accelerator, or the first CPU
+  device; in a multi-process run (after `jax.distributed.initialize()`), the same per process,
+  across all processes. A list that spans several processes must hold a device of every
+  process (all of them take part in the sums); any list must hold one of this process.
+  """
   if devices is None:
-    devices = jax.local_devices()
-    # Simulated CPU devices (`--xla_force_host_platform_device_count`) share the same cores,
-    # and XLA already splits each fused loop over all of them: on a 2-core CPU an 800-image
-    # AGOP took 14.8 s on two such devices against 14.0 s on one. Each extra device would also
-    # compile the block programs again.
-    return devices[:1] if devices[0].platform == 'cpu' else devices
+    devices = []
+    for p in range(jax.process_count()):
+      own = [d for d in jax.devices() if d.process_index == p]
+      # Simulated CPU devices (`--xla_force_host_platform_device_count`) share the same
+      # cores, and XLA already splits each fused loop over all of them: on a 2-core CPU an
+      # 800-image AGOP took 14.8 s on two such devices against 14.0 s on one. Each extra
+      # device would also compile the block programs again.
+      devices += own[:1] if own[0].platform == 'cpu' else own
+    return devices
   devices = list(devices)
   if not devices or not all(isinstance(d, jax.Device) for d in devices):
     raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
   if len(set(devices)) != len(devices):
     raise ValueError('`devices` must not repeat a device.')
+  processes = {d.process_index for d in devices}
+  if jax.process_index() not in processes:
+    raise ValueError(
+        f'`devices` must include a device of this process ({jax.process_index()}), got '
+        f'devices of process(es) {sorted(processes)}.')
+  if len(processes) > 1 and processes != set(range(jax.process_count())):
+    raise ValueError(
+        '`devices` that span several processes must include a device of every process '
+        f'(0 .. {jax.process_count() - 1}), got devices of processes {sorted(processes)}.')
   return devices
 
 
@@ -493,7 +572,10 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
   their reverse pass, so only block pairs `I <= J` are computed: about half the kernel work
   of the one-directional path. Holds `v`'s two parts for all samples (`n * H' * W' *
   classes * (d + 1)` numbers) on every device that works on them. Block pairs are spread
-  over `devices` (`_DeviceAccumulators`).
+  over `devices` (`_DeviceAccumulators`). With devices of several processes, each block's two
+  parts are summed over the processes (all-reduces of `n * H' * W' * classes * (d + 1)`
+  numbers in all, about as much data as one kernel matrix row block per image), and every
+  process forms the outer sums itself.
   """
   n, h, w, d = px.shape
   classes = alpha.shape[1]
@@ -517,23 +599,27 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
       work.acc[dev][k] = (zeros((h, w, classes * d, block)), zeros((h, w, block, classes)))
     return work.acc[dev][k]
 
-  for k, (i, j) in enumerate(pairs):
-    dev = work.assign(_DIAGONAL_COST if i == j else 1.0)
+  def scratch(dev):
     if work.scratch[dev] is None:
       # Reverse-pass buffers, allocated once per device and handed from call to call (see
       # _hand_written_grads).
       work.scratch[dev] = tuple(
           jnp.zeros((h, w, block, block), px.dtype, device=work.devices[dev]) for _ in range(2))
-    scratch = work.scratch[dev]
-    if i == j:
+    return work.scratch[dev]
+
+  for k, (i, j) in enumerate(pairs):
+    dev = work.assign(_DIAGONAL_COST if i == j else 1.0)
+    if not work.local(dev):
+      pass   # Another process's block pair.
+    elif i == j:
       # A diagonal block is the one-directional case with its own images as samples.
       p_j, mp_j, sq_j, al_j = inputs(dev, j)
       u_j, coef_j = accumulators(dev, j)
       u_j, coef_j, one = _v_hand_written(
           kernel, tile_cols, p_j, mp_j, sq_j, al_j, p_j, sq_j,
-          work.put(dev, 'eye', lambda: eye), u_j, coef_j, scratch[:1])
+          work.put(dev, 'eye', lambda: eye), u_j, coef_j, scratch(dev)[:1])
       work.acc[dev][j] = (u_j, coef_j)
-      work.scratch[dev] = one + scratch[1:]
+      work.scratch[dev] = one + work.scratch[dev][1:]
     else:
       p_i, mp_i, sq_i, al_i = inputs(dev, i)
       p_j, _, sq_j, al_j = inputs(dev, j)
@@ -541,7 +627,7 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
       u_j, coef_j = accumulators(dev, j)
       u_i, coef_i, u_j, coef_j, work.scratch[dev] = _symmetric_pair(
           kernel, tile_cols, p_i, mp_i, sq_i, al_i, p_j, sq_j, al_j, u_i, coef_i, u_j, coef_j,
-          scratch)
+          scratch(dev))
       work.acc[dev][i] = (u_i, coef_i)
       work.acc[dev][j] = (u_j, coef_j)
     if progress is not None:
@@ -551,7 +637,8 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
         reported = done
   acc = jnp.zeros((d, d), px.dtype)
   for k in range(nb):
-    u_k, coef_k = work.gather(k, None)
+    u_k, coef_k = work.gather(k, lambda: (np.zeros((h, w, classes * d, block), px.dtype),
+                                          np.zeros((h, w, block, classes), px.dtype)))
     valid = jnp.asarray(np.arange(k * block, (k + 1) * block) < n)
     acc = acc + _masked_outer_sum(u_k, coef_k, px[sl[k]], valid)
   return acc
@@ -728,6 +815,10 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
   work = _DeviceAccumulators(devices)
   for z0 in range(0, s_pad, zb):
     dev = work.assign(1.0)
+    if not work.local(dev):   # Another process's sample block.
+      if progress is not None:
+        progress(min(zb, s - z0))
+      continue
     put = functools.partial(work.put, dev)
     tz, sqz = put(('z', z0), lambda: samples(z0))
     train = put('train', lambda: (tx, sqx, alpha))
@@ -804,17 +895,24 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
       block side, by default a multiple of 16 in [128, 224], see `_symmetric_block`). False
       forces the one-directional path (the tests compare the two). Not used past
       `FEATURE_MIN_DIM` (the features path evaluates every ordered pair).
-    devices: devices to spread the blocks over (default: all of `jax.local_devices()` on an
-      accelerator, the first one on a CPU, whose simulated devices share the same cores):
-      block pairs (symmetric path) or sample blocks go to the least loaded device, each
-      device keeps its own running sums, and these are added on `devices[0]` at the end.
-      Each device compiles the block programs once. The result is the same up to float
-      rounding for any number of devices (the summation order changes with it).
+    devices: devices to spread the blocks over (default: all local devices of an
+      accelerator, or the first CPU device, whose simulated devices share the same cores;
+      in a multi-process run the same for every process): block pairs (symmetric path) or
+      sample blocks go to the least loaded device, each device keeps its own running sums,
+      and these are added at the end. Each device compiles the block programs once. The
+      result is the same up to float rounding for any number of devices (the summation order
+      changes with it). Multi-host (after `jax.distributed.initialize()`): with devices of
+      several processes (the default), every process must call this with the same arguments;
+      each works only on its own devices' blocks, the sums are added over processes by
+      all-reduces, and every process receives the same AGOP. A list of this process's
+      devices only computes the whole AGOP in this process.
     native: the fused native CPU path (`kernel_from_grams.native_agop_rows`, see the module
-      docstring): None uses it where it applies (float32, CPU default backend, one device,
-      the native library available), False never, True requires it (a `ValueError` says why
-      it does not apply; also for patch dimensions over `native.MAX_PATCH_DIM`). `symmetric`,
-      the block sizes and `devices` concern the XLA paths.
+      docstring): None uses it where it applies (float32, CPU default backend, one CPU
+      device per process, the native library available), False never, True requires it (a
+      `ValueError` says why it does not apply; also for patch dimensions over
+      `native.MAX_PATCH_DIM`). Its chunks of samples are shared out among processes as the
+      XLA paths' blocks are among devices; `symmetric` and the block sizes concern the XLA
+      paths.
 
   Returns:
     `(d, d)` AGOP `(1/s) sum_{z, c, p} grad grad^T`, dtype of `x_train`.
@@ -854,7 +952,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   if _native_applies(kernel_from_grams, x_train.dtype, d, devices, native):
     mpz_all = mpx[idx] if z_indices is not None else _metric_patches(pz_all, metric)[0]
     acc = _native_agop_sum(kernel_from_grams, px, mpx, sqx, alpha, pz_all, mpz_all, sqz_all,
-                           idx, progress)
+                           idx, progress, _check_devices(devices))
     return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (native path)')
   # A kernel that brings its own reverse pass (the fused CNTK) skips autodiff.
   hand_written = hasattr(kernel_from_grams, 'grads_spatial_leading')
@@ -884,6 +982,10 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   zero_acc = lambda: jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
   for z0 in range(0, s_pad, zb):
     dev = work.assign(1.0)
+    if not work.local(dev):   # Another process's sample block.
+      if progress is not None:
+        progress(min(zb, s - z0))
+      continue
     put = functools.partial(work.put, dev)
     pz, sqz = put(('z', z0), lambda: (pz_all[z0:z0 + zb], sqz_all[z0:z0 + zb]))
     zidx = idx[z0:z0 + zb]
@@ -928,8 +1030,11 @@ def _native_applies(kernel, dtype, patch_dim: int, devices, native: Optional[boo
   if patch_dim > native_lib.MAX_PATCH_DIM:
     reasons.append(f'the patch dimension {patch_dim} exceeds {native_lib.MAX_PATCH_DIM}')
   devices = _check_devices(devices)
-  if len(devices) != 1 or devices[0].platform != 'cpu' or jax.default_backend() != 'cpu':
-    reasons.append('it runs on one CPU device only (the default backend must be the CPU)')
+  per_process = len(devices) == len({dv.process_index for dv in devices})
+  if (not per_process or any(dv.platform != 'cpu' for dv in devices) or
+      jax.default_backend() != 'cpu'):
+    reasons.append('it runs on one CPU device (per process) only (the default backend must be '
+                   'the CPU)')
   if not reasons and not native_lib.available():
     reasons.append(f'the native library is unavailable: {native_lib.unavailable_reason()}')
   if native and reasons:
@@ -938,7 +1043,8 @@ def _native_applies(kernel, dtype, patch_dim: int, devices, native: Optional[boo
   return not reasons
 
 
-# Calls of the native path per AGOP (each reports progress when it finishes).
+# Calls of the native path per AGOP (each reports progress when it finishes), shared out among
+# processes in a multi-host run.
 _NATIVE_CHUNKS = 8
 
 
@@ -947,28 +1053,37 @@ def _native_rows(kernel, pz, mpz, sqz, zidx, blocks):
   return kernel.native_agop_rows(pz, mpz, sqz, zidx, blocks)
 
 
-def _native_agop_sum(kernel, px, mpx, sqx, alpha, pz, mpz, sqz, idx, progress) -> jax.Array:
+def _native_agop_sum(kernel, px, mpx, sqx, alpha, pz, mpz, sqz, idx, progress,
+                     devices) -> jax.Array:
   """`sum_{z, c, p} v v^T` through the native custom call, in chunks of samples.
 
   Chunks have one size (the last padded with zero images whose rows are dropped), so the call
-  compiles once; each returns its samples' `(d, d)` sums, added in sample order.
+  compiles once; each returns its samples' `(d, d)` sums, added in sample order. `devices`:
+  one CPU device per process; with several processes, the chunks are shared out among them
+  and their sums added over processes.
   """
   s = pz.shape[0]
+  work = _DeviceAccumulators(devices)
   blocks = jax.jit(native_lib.train_blocks)(px, sqx, alpha)
-  chunk = -(-s // _NATIVE_CHUNKS)
+  chunk = -(-s // max(_NATIVE_CHUNKS, len(devices)))
   s_pad = -(-s // chunk) * chunk
   pz, mpz, sqz = (_pad_axis0(a, s_pad) for a in (pz, mpz, sqz))
   zidx = jnp.asarray(np.concatenate([idx[:s], np.full(s_pad - s, -1)]).astype(np.int32))
-  acc = jnp.zeros((px.shape[-1],) * 2, px.dtype)
+  acc = None
   for z0 in range(0, s_pad, chunk):
     z1 = min(z0 + chunk, s)
-    rows = _native_rows(kernel, pz[z0:z0 + chunk], mpz[z0:z0 + chunk], sqz[z0:z0 + chunk],
-                        zidx[z0:z0 + chunk], blocks)
-    acc = acc + jnp.sum(rows[:z1 - z0], axis=0)
+    if work.local(work.assign(1.0)):
+      rows = _native_rows(kernel, pz[z0:z0 + chunk], mpz[z0:z0 + chunk], sqz[z0:z0 + chunk],
+                          zidx[z0:z0 + chunk], blocks)
+      part = jnp.sum(rows[:z1 - z0], axis=0)
+      acc = part if acc is None else acc + part
     if progress is not None:
-      jax.block_until_ready(acc)
+      if acc is not None:
+        jax.block_until_ready(acc)
       progress(z1 - z0)
-  return acc
+  if acc is not None:
+    work.acc[devices.index(work.home)]['acc'] = acc
+  return work.gather('acc', lambda: np.zeros((px.shape[-1],) * 2, px.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1005,7 +1120,8 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
                             train_block: Optional[int] = None,
                             z_block: Optional[int] = None,
                             block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-                            progress: Optional[Callable[[int], None]] = None) -> jax.Array:
+                            progress: Optional[Callable[[int], None]] = None,
+                            devices: Optional[Sequence[jax.Device]] = None) -> jax.Array:
   """Patch AGOP of `f_c(z) = sum_i alpha_ic K(S P(x_i), S P(z))` for any patch kernel.
 
   The kernel sees transformed patches `S p` (`S = M^(1/2)`, symmetric); gradients are w.r.t. the
@@ -1018,8 +1134,9 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
       differentiable kernel of (transformed) patch tensors; pass the same function object on
       every call to avoid recompiling.
     x_train, alpha, z, z_indices, patch_size, padding, metric, train_block, z_block,
-      block_elements, progress: as in `predictor_agop_from_grams` (here `z_indices` only
-      selects the images; no special treatment of coinciding inputs).
+      block_elements, progress, devices: as in `predictor_agop_from_grams` (here `z_indices`
+      only selects the images; no special treatment of coinciding inputs; sample blocks go
+      to the devices).
     sqrt_metric: `(d, d)` symmetric `S` with `S^2 = M`; computed from `metric` by an
       eigendecomposition (negative eigenvalues clipped) if None.
 
@@ -1048,17 +1165,22 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
   s = pz_all.shape[0]
   tb, zb = _block_sizes(n, s, h * w, block_elements, train_block, z_block)
   spx = px @ sqrt_metric
-  acc = jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
+  work = _DeviceAccumulators(_check_devices(devices))
   for z0 in range(0, s, zb):
-    pz = pz_all[z0:z0 + zb]
-    grads = None
-    for t0 in range(0, n, tb):
-      part = _grads_autodiff(patch_kernel_fn, spx[t0:t0 + tb], alpha[t0:t0 + tb], pz,
-                             sqrt_metric)
-      grads = part if grads is None else grads + part
-    acc = acc + _outer_sum(grads)
+    dev = work.assign(1.0)
+    if work.local(dev):
+      put = functools.partial(work.put, dev)
+      pz, root = put(('z', z0), lambda: pz_all[z0:z0 + zb]), put('root', lambda: sqrt_metric)
+      grads = None
+      for t0 in range(0, n, tb):
+        spx_t, alpha_t = put(('train', t0), lambda: (spx[t0:t0 + tb], alpha[t0:t0 + tb]))
+        part = _grads_autodiff(patch_kernel_fn, spx_t, alpha_t, pz, root)
+        grads = part if grads is None else grads + part
+      part = _outer_sum(grads)
+      work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
     if progress is not None:
-      progress(pz.shape[0])
+      progress(min(zb, s - z0))
+  acc = work.gather('acc', lambda: np.zeros((px.shape[-1],) * 2, x_train.dtype))
   return _check_result(acc / s, 'kernel predictor AGOP (autodiff path)')
 
 

@@ -1,0 +1,111 @@
+"""One process of a two-process predictor-AGOP run, for `multihost_test.py`.
+
+`python -m tests.multihost_agop_worker PORT PROCESS_ID OUT_DIR` joins a 2-process run (gloo
+CPU collectives; the caller sets two CPU devices per process), computes the same AGOPs
+through every path of `predictor_agop`, once spread over both processes (the default
+devices, and for one path every device of both processes) and once in this process alone
+(`devices=[a local device]`), and writes them to `OUT_DIR/process<ID>.npz`, with the number
+of block programs this process ran for each, counted by wrapping them, and the error that a
+device list without a device of this process raises.
+"""
+
+import collections
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jconvrfm._src import checks
+from jconvrfm._src import predictor_agop as pa
+from jconvrfm._src.kernels import fused
+
+_CALLS = collections.Counter()
+
+
+def _count(name):
+  fn = getattr(pa, name)
+
+  def counted(*args, **kwargs):
+    _CALLS[name] += 1
+    return fn(*args, **kwargs)
+
+  setattr(pa, name, counted)
+
+
+def _smooth_kernel(gram, sq1, sq2):
+  """A Gram kernel for the autodiff path (smooth everywhere)."""
+  return jnp.sum(jnp.exp(-(sq1[:, None] + sq2[None, :] - 2 * gram) / 4.0) * (1.0 + gram),
+                 axis=(2, 3))
+
+
+def _problem(seed, n, channels, size=8, classes=3, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(n, size, size, channels)).astype(dtype)
+  alpha = rng.normal(size=(n, classes)).astype(dtype)
+  d = 9 * channels
+  f = rng.normal(size=(d, d))
+  return x, alpha, (f @ f.T / d).astype(dtype)
+
+
+def main(port: str, process_id: int, out_dir: str):
+  jax.config.update('jax_enable_x64', True)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(f'localhost:{port}', 2, process_id)
+  for name in ('_v_hand_written', '_symmetric_pair', '_w_block', '_native_rows',
+               '_grads_autodiff'):
+    _count(name)
+  alone = [jax.local_devices()[0]]
+  ntk = fused.canonical_kind('ntk')
+  same, valid = checks.canonical_padding('SAME'), checks.canonical_padding('VALID')
+  results = {}
+
+  def run(label, fn, **kwargs):
+    for mode, devices in (('spread', kwargs.pop('spread_devices', None)), ('alone', alone)):
+      _CALLS.clear()
+      g = fn(devices=devices, **kwargs)
+      results[f'{label}_{mode}'] = np.asarray(g)
+      results[f'{label}_{mode}_calls'] = np.asarray(sum(_CALLS.values()))
+
+  x, alpha, metric = _problem(0, n=40, channels=2)
+  kernel = fused.GramConvKernel(2, 3, same, 2, ntk)
+  idx = np.random.default_rng(1).permutation(40)
+  common = dict(patch_size=3, padding='SAME', metric=metric, native=False)
+  # Symmetric path, blocks of 8: 15 block pairs; also over all four devices of both processes.
+  run('symmetric', pa.predictor_agop_from_grams, kernel_from_grams=kernel, x_train=x,
+      alpha=alpha, z_indices=idx, train_block=8, **common)
+  run('symmetric4', pa.predictor_agop_from_grams, kernel_from_grams=kernel, x_train=x,
+      alpha=alpha, z_indices=idx, train_block=8, spread_devices=jax.devices(), **common)
+  # One-directional path: 5 sample blocks of 8 (the last padded).
+  run('one_way', pa.predictor_agop_from_grams, kernel_from_grams=kernel, x_train=x,
+      alpha=alpha, z=x[:37], train_block=16, z_block=8, **common)
+  # Features path (d = 90 > FEATURE_MIN_DIM): sample blocks of 6.
+  xf, alphaf, metricf = _problem(2, n=24, channels=10, size=6)
+  run('features', pa.predictor_agop_from_grams,
+      kernel_from_grams=fused.GramConvKernel(2, 3, valid, 10, ntk), x_train=xf,
+      alpha=alphaf, z_indices=np.arange(24), patch_size=3, padding='VALID', metric=metricf,
+      z_block=6)
+  # Native CPU path (float32), where the native library is available.
+  if pa.native_lib.available():
+    x32, alpha32, metric32 = _problem(3, n=30, channels=1, dtype=np.float32)
+    run('native', pa.predictor_agop_from_grams,
+        kernel_from_grams=fused.GramConvKernel(2, 3, same, 1, ntk), x_train=x32,
+        alpha=alpha32, z_indices=np.arange(30), patch_size=3, padding='SAME', metric=metric32,
+        native=True)
+  # Autodiff path: 4 sample blocks of 3.
+  xa, alphaa, metrica = _problem(4, n=6, channels=1, size=6)
+  run('autodiff', pa.predictor_agop_autodiff, patch_kernel_fn=pa.GramKernelOnPatches(_smooth_kernel),
+      x_train=xa, alpha=alphaa, z=xa[:5] * 0.5 + xa[1:] * 0.5, patch_size=3, padding='SAME',
+      metric=metrica, z_block=2)
+  # A device list without a device of this process is refused, with the argument named.
+  foreign = [d for d in jax.devices() if d.process_index != process_id][:1]
+  try:
+    pa.predictor_agop_from_grams(kernel, x, alpha, z_indices=idx, devices=foreign, **common)
+    results['foreign_error'] = np.asarray('')
+  except ValueError as e:
+    results['foreign_error'] = np.asarray(str(e))
+  np.savez(f'{out_dir}/process{process_id}.npz', **results)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
