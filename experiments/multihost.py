@@ -2,9 +2,10 @@
 
 On a TPU pod slice (or with several GPU processes) the same binary is started on every host
 with `--distributed`. Kernel matrices are then computed on every chip of every host
-(`jconvrfm.kernel_matrix` over `jax.devices()`), and so are the AGOPs (each host computes its
-share of the blocks; the sums are all-reduced); everything else (solves, featurising) runs
-redundantly on identical inputs in every process.
+(`jconvrfm.kernel_matrix` over `jax.devices()`, or on CPUs the native kernel's row chunks
+shared out among the hosts), and so are the AGOPs (each host computes its share of the
+blocks; the sums are all-reduced); everything else (solves, featurising) runs redundantly on
+identical inputs in every process.
 
 The workdir belongs to process 0. It alone creates, reads and writes files there; what it
 reads (`config.json`, finished rounds, sampled filters) is broadcast to the other processes.

@@ -198,12 +198,13 @@ def test_docstring_example():
   assert doctest.testmod(multihost).failed == 0
 
 
-def test_predictor_agop_on_two_processes_splits_the_work_and_matches_one(tmp_path):
-  """Every AGOP path shares its blocks out among processes and all-reduces the sums."""
+def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
+  """Every AGOP path, and the native kernel matrices, share their blocks out among
+  processes and all-reduce the sums (`tests/multihost_worker.py`)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'tests.multihost_agop_worker', port, str(i), str(tmp_path)],
+      [sys.executable, '-m', 'tests.multihost_worker', port, str(i), str(tmp_path)],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
   try:
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -216,7 +217,8 @@ def test_predictor_agop_on_two_processes_splits_the_work_and_matches_one(tmp_pat
   for r in (r0, r1):
     assert '`devices` must include a device of this process' in str(r['foreign_error'])
   labels = sorted(k[:-len('_spread')] for k in r0 if k.endswith('_spread'))
-  assert len(labels) >= 5, labels    # symmetric (2 and 4 devices), one-way, features, autodiff
+  # symmetric (2 and 4 devices), one-way, features, autodiff; native AGOP and matrices
+  assert len(labels) >= 5, labels
   for label in labels:
     spread, alone = r0[f'{label}_spread'], r0[f'{label}_alone']
     # Both processes receive the same AGOP, bit for bit, and compute the same one alone.
@@ -227,7 +229,11 @@ def test_predictor_agop_on_two_processes_splits_the_work_and_matches_one(tmp_pat
     tol = 1e-6 if spread.dtype == np.float32 else 1e-10
     err = np.linalg.norm(spread - alone) / np.linalg.norm(alone)
     assert err < tol, (label, err)
-    # The work is shared: the processes' block calls add up to one process's, each ran some.
     calls = [int(r[f'{label}_spread_calls']) for r in (r0, r1)]
+    assert min(calls) > 0, (label, calls)     # both processes worked
+    if label.startswith('kernel'):
+      # Each entry comes from one process, in the same row chunk as alone: bitwise one
+      # process's matrix.
+      np.testing.assert_array_equal(spread, alone, err_msg=label)
+    # The processes' block calls add up to one process's.
     assert sum(calls) == int(r0[f'{label}_alone_calls']), (label, calls)
-    assert min(calls) > 0, (label, calls)

@@ -73,10 +73,10 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
+from jconvrfm._src import processes
 from jconvrfm._src import tiling
 from jconvrfm._src.kernels import fused
 from jconvrfm._src.kernels import native as native_lib
@@ -446,7 +446,7 @@ class _DeviceAccumulators:
   Devices of several processes (multi-host, see `_check_devices`): every process runs the
   same host loop and so makes the same assignment, but works only on the items of its own
   devices (`local(dev)`); `gather` then adds the processes' sums with one all-reduce
-  (`_sum_over_processes`), so every process receives the same total.
+  (`processes.sum_over_processes`), so every process receives the same total.
   """
 
   def __init__(self, devices):
@@ -488,40 +488,8 @@ class _DeviceAccumulators:
     else:
       total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
     if self.multi_process:
-      total = _sum_over_processes(total, self.devices)
+      total = processes.sum_over_processes(total, self.devices)
     return total
-
-
-@functools.lru_cache(maxsize=None)
-def _process_sum_program(devices: Tuple[jax.Device, ...]):
-  mesh = Mesh(np.array(devices), ('processes',))
-  return (NamedSharding(mesh, PartitionSpec('processes')),
-          jax.jit(lambda t: jax.tree.map(lambda a: jnp.sum(a, axis=0), t),
-                  out_shardings=NamedSharding(mesh, PartitionSpec())))
-
-
-def _sum_over_processes(tree, devices: Sequence[jax.Device]):
-  """The sum over processes of `tree`, a pytree of arrays of the same shapes on each process.
-
-  A collective over the processes of `devices` (every one of them must call it): one device
-  per process (its first in `devices`) holds its process's term, and one jitted sum over the
-  process axis, replicated, is XLA's all-reduce. Every process receives the same total (the
-  collective adds the terms once and shares the result), on its own first device.
-  """
-  firsts = {}
-  for d in devices:
-    firsts.setdefault(d.process_index, d)
-  mesh_devices = tuple(firsts[p] for p in sorted(firsts))
-  home = firsts[jax.process_index()]
-  sharding, program = _process_sum_program(mesh_devices)
-
-  def global_array(x):
-    x = jax.device_put(x, home)
-    return jax.make_array_from_single_device_arrays(
-        (len(mesh_devices),) + x.shape, sharding, [x[None]])
-
-  total = program(jax.tree.map(global_array, tree))
-  return jax.tree.map(lambda a: a.addressable_data(0), total)
 
 
 def _check_devices(devices) -> list:
@@ -547,15 +515,15 @@ def _check_devices(devices) -> list:
     raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
   if len(set(devices)) != len(devices):
     raise ValueError('`devices` must not repeat a device.')
-  processes = {d.process_index for d in devices}
-  if jax.process_index() not in processes:
+  owners = {d.process_index for d in devices}
+  if jax.process_index() not in owners:
     raise ValueError(
         f'`devices` must include a device of this process ({jax.process_index()}), got '
-        f'devices of process(es) {sorted(processes)}.')
-  if len(processes) > 1 and processes != set(range(jax.process_count())):
+        f'devices of process(es) {sorted(owners)}.')
+  if len(owners) > 1 and owners != set(range(jax.process_count())):
     raise ValueError(
         '`devices` that span several processes must include a device of every process '
-        f'(0 .. {jax.process_count() - 1}), got devices of processes {sorted(processes)}.')
+        f'(0 .. {jax.process_count() - 1}), got devices of processes {sorted(owners)}.')
   return devices
 
 

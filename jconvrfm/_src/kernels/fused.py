@@ -52,6 +52,7 @@ import numpy as np
 
 from jconvrfm._src import checks
 from jconvrfm._src import patches as patches_lib
+from jconvrfm._src import processes
 from jconvrfm._src import tiling
 from jconvrfm._src.kernels import native
 
@@ -738,7 +739,8 @@ def _mirror_upper(k) -> np.ndarray:
   return np.triu(k) + np.triu(k, 1).T
 
 
-def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None):
+def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
+                         across_processes=False):
   """Whole kernel matrix through the native custom call, or None where it does not apply.
 
   For callers that would otherwise cut the matrix into tiles (`tiling.kernel_matrix`): the
@@ -759,24 +761,41 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None)
   in 200 x 200 tiles. The symmetric matrix's diagonal pairs take the correlation 1 exactly:
   within 3e-7 of float64 where the tiled native and XLA float32 paths are 1e-4 off on the
   diagonal.
+
+  `across_processes=True` in a multi-process run (after `jax.distributed.initialize()`;
+  every process must then call this with the same arguments): the row chunks are shared out
+  among the processes (each to the least loaded process, a symmetric chunk weighing its
+  columns right of the diagonal), every process computes its own, and one all-reduce
+  (`processes.sum_over_processes`) of the matrix, zero outside each process's rows, gives
+  every process the whole matrix. Each entry has one nonzero term, so with up to
+  `_NATIVE_MATRIX_CHUNKS` processes (the chunks of one process) the matrix is bitwise the one
+  a single process computes; with more processes the chunks are smaller, which changes
+  float32 rounding (the native call's values depend on its chunk of rows, by 1 ulp or so).
   """
   x2_ = x1 if x2 is None else x2
   if not _native_applies(x1, x2_, metric, q, padding):
     return None
   n1, n2 = x1.shape[0], x2_.shape[0]
-  chunk = -(-n1 // _NATIVE_MATRIX_CHUNKS)
+  count = jax.process_count() if across_processes else 1
+  chunk = -(-n1 // max(_NATIVE_MATRIX_CHUNKS, count))
   total = -(-n1 // chunk)
   x1p = _pad_batch(x1, chunk)
   cols = native.columns(x2_, metric, q, padding)
   k = np.zeros((total * chunk, n2), np.float32)
+  load = [0] * count
   for c in range(total):
     r0 = c * chunk
-    first = jnp.asarray(r0 if x2 is None else -1, jnp.int32)
-    rows = _native_rows(x1p[r0:r0 + chunk], cols, metric, first, depth=depth, q=q,
-                        padding=padding, kind=kind)
-    k[r0:r0 + chunk] = np.asarray(rows)[:, :n2]
+    owner = min(range(count), key=lambda i: (load[i], i))
+    load[owner] += n2 - r0 if x2 is None else n2
+    if owner == (jax.process_index() if count > 1 else 0):
+      first = jnp.asarray(r0 if x2 is None else -1, jnp.int32)
+      rows = _native_rows(x1p[r0:r0 + chunk], cols, metric, first, depth=depth, q=q,
+                          padding=padding, kind=kind)
+      k[r0:r0 + chunk] = np.asarray(rows)[:, :n2]
     if progress is not None:
       progress(c + 1, total)
+  if count > 1:
+    k = np.asarray(processes.sum_over_processes(k))
   k = k[:n1]
   return _mirror_upper(k) if x2 is None else k
 
@@ -995,9 +1014,12 @@ def whole_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None):
   The native custom call (`native_kernel_matrix`), else for a learned metric of patch
   dimension above 64 the patch features (`metric_kernel_matrix`) in a single process on a CPU
   or a single accelerator. Callers tile (`tiling.kernel_matrix`) where this returns None,
-  which spreads the tiles over several accelerators or hosts.
+  which spreads the tiles over several accelerators or hosts. In a multi-process run every
+  process must call this with the same arguments: the native path shares its row chunks out
+  among the processes (`native_kernel_matrix(across_processes=True)`).
   """
-  k = native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress)
+  k = native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress,
+                           across_processes=jax.process_count() > 1)
   single = jax.process_count() == 1 and (jax.default_backend() == 'cpu' or
                                          jax.local_device_count() == 1)
   if (k is None and single and metric is not None and

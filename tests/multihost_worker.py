@@ -1,12 +1,17 @@
-"""One process of a two-process predictor-AGOP run, for `multihost_test.py`.
+"""One process of a two-process run of the shared block loops, for `multihost_test.py`.
 
-`python -m tests.multihost_agop_worker PORT PROCESS_ID OUT_DIR` joins a 2-process run (gloo
-CPU collectives; the caller sets two CPU devices per process), computes the same AGOPs
-through every path of `predictor_agop`, once spread over both processes (the default
-devices, and for one path every device of both processes) and once in this process alone
-(`devices=[a local device]`), and writes them to `OUT_DIR/process<ID>.npz`, with the number
-of block programs this process ran for each, counted by wrapping them, and the error that a
-device list without a device of this process raises.
+`python -m tests.multihost_worker PORT PROCESS_ID OUT_DIR` joins a 2-process run (gloo CPU
+collectives; the caller sets two CPU devices per process) and computes, once spread over both
+processes and once in this process alone,
+
+* the same AGOPs through every path of `predictor_agop` (spread: the default devices, and for
+  one path every device of both processes; alone: `devices=[a local device]`),
+* native CPU kernel matrices, symmetric and rectangular (`fused.native_kernel_matrix` with
+  `across_processes` True and False), where the native library is available,
+
+and writes them to `OUT_DIR/process<ID>.npz`, with the number of block programs this process
+ran for each (counted by wrapping them) and the error that a device list without a device of
+this process raises.
 """
 
 import collections
@@ -23,14 +28,14 @@ from jconvrfm._src.kernels import fused
 _CALLS = collections.Counter()
 
 
-def _count(name):
-  fn = getattr(pa, name)
+def _count(module, name):
+  fn = getattr(module, name)
 
   def counted(*args, **kwargs):
     _CALLS[name] += 1
     return fn(*args, **kwargs)
 
-  setattr(pa, name, counted)
+  setattr(module, name, counted)
 
 
 def _smooth_kernel(gram, sq1, sq2):
@@ -54,7 +59,8 @@ def main(port: str, process_id: int, out_dir: str):
   jax.distributed.initialize(f'localhost:{port}', 2, process_id)
   for name in ('_v_hand_written', '_symmetric_pair', '_w_block', '_native_rows',
                '_grads_autodiff'):
-    _count(name)
+    _count(pa, name)
+  _count(fused, '_native_rows')
   alone = [jax.local_devices()[0]]
   ntk = fused.canonical_kind('ntk')
   same, valid = checks.canonical_padding('SAME'), checks.canonical_padding('VALID')
@@ -97,6 +103,16 @@ def main(port: str, process_id: int, out_dir: str):
   run('autodiff', pa.predictor_agop_autodiff, patch_kernel_fn=pa.GramKernelOnPatches(_smooth_kernel),
       x_train=xa, alpha=alphaa, z=xa[:5] * 0.5 + xa[1:] * 0.5, patch_size=3, padding='SAME',
       metric=metrica, z_block=2)
+  # Native kernel matrices, 30 x 30 symmetric and 30 x 20: 4 row chunks, 2 per process.
+  if pa.native_lib.available():
+    x32, _, metric32 = _problem(5, n=50, channels=1, size=10, dtype=np.float32)
+    for label, x2 in (('kernel_sym', None), ('kernel_rect', x32[30:])):
+      for mode, across in (('spread', True), ('alone', False)):
+        _CALLS.clear()
+        k = fused.native_kernel_matrix(x32[:30], x2, metric32, 3, 3, same, ntk,
+                                       across_processes=across)
+        results[f'{label}_{mode}'] = np.asarray(k)
+        results[f'{label}_{mode}_calls'] = np.asarray(sum(_CALLS.values()))
   # A device list without a device of this process is refused, with the argument named.
   foreign = [d for d in jax.devices() if d.process_index != process_id][:1]
   try:

@@ -1,0 +1,19 @@
+"""jconvrfm._src.processes in one process (two processes: `multihost_test.py`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jconvrfm._src import processes
+
+
+def test_one_device_per_process_takes_each_process_first_device():
+  assert processes.one_device_per_process() == (jax.devices()[0],)
+  devices = jax.devices()[::-1]
+  assert processes.one_device_per_process(devices) == (devices[0],)
+
+
+def test_sum_over_one_process_is_the_identity():
+  tree = {'a': jnp.arange(6.0).reshape(2, 3), 'b': (np.ones(4, np.float32),)}
+  got = processes.sum_over_processes(tree)
+  assert got is tree
