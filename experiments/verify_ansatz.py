@@ -22,6 +22,10 @@ initial weights) 1.4 minutes, test accuracy 0.948:
     --manual_dir=../shared/data/mnist --tfds_data_dir=/tmp/tfds --init_scale=0.005 \
     --optimizer=adam --learning_rate=1e-3 --loss=cross_entropy --epochs=10
 
+On several local accelerators (a TPU VM's chips, a multi-GPU host) every batch is split over
+all of them (data parallel, `jconvrfm._src.train`); `--num_devices=N` takes the first N, and
+`--batch_size` must be a multiple of their number. The binary runs in one process.
+
 Myrtle-5 on the CIFAR-10 JPEG test images split 80/20 with a fixed seed:
 
   python -m experiments.verify_ansatz --workdir=/tmp/cnfa_cifar --model=myrtle5 --width=32 \
@@ -93,6 +97,7 @@ class Config:
   epoch_eval_images: int = 1000  # test images evaluated after each epoch (0: all)
   chunk_size: int = 32
   generic_check: bool = False  # also compute the generic (explicit-patch) AGOP
+  num_devices: int = 0  # local devices to train on, data parallel (0: train's default)
 
 
 def load_data(config: Config):
@@ -138,11 +143,17 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
 
   `train_data`/`test_data` (`jconvrfm.data.Dataset`s) replace loading (tests, notebooks).
   """
+  if config.model not in MODELS:
+    raise ValueError(f'`model` must be one of {sorted(MODELS)}, got {config.model!r}.')
+  if not 0 <= config.num_devices <= jax.local_device_count():
+    raise ValueError(f'`num_devices` must be in [0, {jax.local_device_count()}] (0: every '
+                     f'local accelerator, or one CPU device), got {config.num_devices}.')
+  devices = train_lib.data_parallel_devices(
+      jax.local_devices()[:config.num_devices] if config.num_devices else None,
+      config.batch_size)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(config), indent=2))
-  if config.model not in MODELS:
-    raise ValueError(f'`model` must be one of {sorted(MODELS)}, got {config.model!r}.')
   if train_data is None:
     t = time.time()
     train_data, test_data = load_data(config)
@@ -161,7 +172,7 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
       learning_rate=config.learning_rate, momentum=config.momentum, loss=config.loss,
       seed=config.seed, eval_images=test_data.images[:n_eval],
       eval_labels=test_data.labels[:n_eval],
-      workdir=workdir, progress=progress)
+      workdir=workdir, progress=progress, devices=devices)
   train_time = time.time() - t
   variables = result.state.variables
   train_eval = train_lib.evaluate(model, variables, train_data.images, train_data.labels,
@@ -190,7 +201,8 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
              'test_loss': test_eval['loss'], 'n_train': int(train_data.images.shape[0]),
              'n_test': int(test_data.images.shape[0]), 'n_agop': int(agop_x.shape[0]),
              'train_time_s': train_time, 'report_time_s': report_time,
-             'steps': int(result.state.step), 'backend': jax.default_backend()}
+             'steps': int(result.state.step), 'backend': jax.default_backend(),
+             'train_devices': len(devices)}
   (workdir / 'results.json').write_text(json.dumps(results, indent=2))
   return results
 
@@ -212,7 +224,10 @@ _FLAG_HELP = {
     'momentum': 'SGD momentum', 'epochs': 'epochs', 'batch_size': 'batch size',
     'seed': 'init/shuffle seed', 'agop_images': 'training images for the AGOP (0: all)',
     'chunk_size': 'images per AGOP chunk',
-    'epoch_eval_images': 'test images evaluated after each epoch (0: all; final eval: all)', 'generic_check': 'also compute the generic AGOP',
+    'epoch_eval_images': 'test images evaluated after each epoch (0: all; final eval: all)',
+    'generic_check': 'also compute the generic AGOP',
+    'num_devices': 'local devices to train on, each batch split over them (0: every local '
+                   'accelerator, or one CPU device); batch_size must be a multiple',
 }
 flags.DEFINE_string('workdir', None, 'output directory', required=True)
 for _f in dataclasses.fields(Config):

@@ -105,3 +105,38 @@ def test_evaluate_matches_direct_computation():
   onehot = np.eye(2)[np.asarray(y)]
   assert ev['accuracy'] == pytest.approx(np.mean(logits.argmax(1) == np.asarray(y)))
   assert ev['loss'] == pytest.approx(np.mean((logits - onehot)**2), rel=1e-5)
+
+
+def test_data_parallel_over_two_devices_matches_one_device():
+  x, y = _problem()
+  model = ResNet(2, width=4, small_inputs=True, stage_sizes=(1, 1))  # has batch norm
+  kw = dict(num_classes=2, epochs=3, batch_size=16, optimizer='sgd', learning_rate=0.05,
+            seed=3, progress=False)
+  one = train_lib.train(model, x, y, devices=jax.devices()[:1], **kw)
+  two = train_lib.train(model, x, y, devices=jax.devices()[:2], **kw)
+  # The state lives on both devices, replicated.
+  for leaf in jax.tree.leaves(two.state):
+    assert leaf.sharding.device_set == set(jax.devices()[:2])
+    assert leaf.sharding.is_fully_replicated
+  # The same global-batch steps (batch norm over the whole batch): float32 rounding only.
+  # Measured: losses 5e-8 relative, state entries 2.5e-7 absolute after 9 steps; another
+  # seed moves the parameters by 1.3.
+  np.testing.assert_allclose([h['train_loss'] for h in two.history],
+                             [h['train_loss'] for h in one.history], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(one.state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)
+  # Evaluation reads the replicated state.
+  ev = train_lib.evaluate(model, two.state.variables, x, y, num_classes=2)
+  assert ev == pytest.approx(train_lib.evaluate(model, one.state.variables, x, y,
+                                                num_classes=2), rel=1e-5)
+
+
+def test_data_parallel_batch_must_split_evenly():
+  x, y = _problem(16)
+  with pytest.raises(ValueError, match=r'`batch_size` \(9\) must be a multiple of the number '
+                     r'of devices \(2\)'):
+    train_lib.train(VanillaCNN(2, width=4, depth=1), x, y, num_classes=2, epochs=1,
+                    batch_size=9, progress=False, devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match='must not repeat'):
+    train_lib.train(VanillaCNN(2, width=4, depth=1), x, y, num_classes=2, epochs=1,
+                    batch_size=8, progress=False, devices=jax.devices()[:1] * 2)

@@ -1,5 +1,6 @@
 """Smoke tests of experiments/verify_ansatz.py (tiny in-memory data; MNIST subset if present)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -42,8 +43,38 @@ def test_end_to_end_tiny(tmp_path):
 
 def test_unknown_model(tmp_path):
   with pytest.raises(ValueError, match='model'):
-    verify_ansatz.run(verify_ansatz.Config(model='lenet'), tmp_path,
+    verify_ansatz.run(verify_ansatz.Config(model='lenet'), tmp_path / 'run',
                       train_data=_tiny(8, 0), test_data=_tiny(8, 1), progress=False)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_two_devices_train_data_parallel_and_match_one(tmp_path):
+  config = verify_ansatz.Config(model='vanilla', width=4, depth=2, init_scale=0.05, epochs=2,
+                                batch_size=8, learning_rate=1e-2, agop_images=8, chunk_size=8)
+  runs = {}
+  for k in (1, 2):
+    runs[k] = verify_ansatz.run(dataclasses.replace(config, num_devices=k), tmp_path / str(k),
+                                train_data=_tiny(32, 0), test_data=_tiny(16, 1),
+                                progress=False)
+    assert runs[k]['train_devices'] == k
+  # The same global-batch steps on one or two devices (float32 rounding only).
+  losses = [[json.loads(l)['train_loss'] for l in
+             (tmp_path / str(k) / 'metrics.jsonl').read_text().splitlines()] for k in (1, 2)]
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+  assert runs[2]['test_accuracy'] == runs[1]['test_accuracy']
+
+
+@pytest.mark.parametrize('num_devices,batch_size,match', [
+    (99, 8, r'`num_devices` must be in \[0, '),
+    (-1, 8, r'`num_devices` must be in \[0, '),
+    (2, 9, r'`batch_size` \(9\) must be a multiple of the number of devices \(2\)'),
+])
+def test_bad_devices_fail_before_the_workdir_is_made(tmp_path, num_devices, batch_size, match):
+  config = verify_ansatz.Config(num_devices=num_devices, batch_size=batch_size)
+  with pytest.raises(ValueError, match=match):
+    verify_ansatz.run(config, tmp_path / 'run', train_data=_tiny(16, 0),
+                      test_data=_tiny(8, 1), progress=False)
+  assert not (tmp_path / 'run').exists()
 
 
 def test_mnist_subset(tmp_path, mnist_dir, tfds_cache_dir):

@@ -5,6 +5,15 @@ One canonical loop, read top to bottom: an optimizer and a loss picked by name, 
 depends only on `(seed, epoch)` so that a resumed run replays the same batches, evaluation,
 JSON-lines metrics, and msgpack checkpoints (params, batch stats, optimizer state, step) in an
 explicit `workdir`. A non-finite training loss stops the run with `FloatingPointError`.
+
+Data parallel over `devices` (default: every local accelerator, or the first CPU device):
+each batch is split along a one-axis `Mesh` (`"data"`) and the state is replicated, so the
+one jitted step computes the global-batch loss, its gradients (XLA inserts the all-reduce)
+and the batch-norm statistics over the whole batch, as on one device.
+
+References:
+  JAX distributed arrays and automatic parallelization:
+  https://docs.jax.dev/en/latest/notebooks/Distributed_arrays_and_automatic_parallelization.html
 """
 
 import functools
@@ -13,7 +22,7 @@ import os
 import pathlib
 import re
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from absl import logging
 import flax
@@ -23,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jconvrfm._src import checks
 
@@ -190,6 +200,31 @@ def restore_checkpoint(path: Union[str, os.PathLike], template: TrainState) -> T
 # The loop.
 # ----------------------------------------------------------------------------------------------
 
+
+def data_parallel_devices(devices: Optional[Sequence[jax.Device]] = None,
+                          batch_size: Optional[int] = None) -> List[jax.Device]:
+  """The devices `train` splits its batches over: `devices` checked, or the default.
+
+  Default: every local device of an accelerator, or the first CPU device (simulated CPU
+  devices share the same cores). Raises `ValueError` when `batch_size` is not a multiple of
+  their number.
+  """
+  if devices is None:
+    local = jax.local_devices()
+    devices = local[:1] if local[0].platform == 'cpu' else local
+  devices = list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
+  if len(set(devices)) != len(devices):
+    raise ValueError('`devices` must not repeat a device.')
+  if any(d.process_index != jax.process_index() for d in devices):
+    raise ValueError('`devices` must be devices of this process (train runs in one process).')
+  if batch_size is not None and batch_size % len(devices):
+    raise ValueError(
+        f'`batch_size` ({batch_size}) must be a multiple of the number of devices '
+        f'({len(devices)}), over which each batch is split.')
+  return devices
+
 def train(model: nn.Module,
           images: jax.Array,
           labels: jax.Array,
@@ -207,7 +242,8 @@ def train(model: nn.Module,
           workdir: Optional[Union[str, os.PathLike]] = None,
           checkpoint_every_steps: Optional[int] = None,
           max_steps: Optional[int] = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True,
+          devices: Optional[Sequence[jax.Device]] = None) -> TrainResult:
   """Trains `model` on `(images, labels)`; resumes from the latest checkpoint in `workdir`.
 
   Every epoch visits `n // batch_size` batches (the remainder is dropped) of a permutation
@@ -233,6 +269,10 @@ def train(model: nn.Module,
     checkpoint_every_steps: checkpoint period in steps.
     max_steps: stop after this many total steps (e.g. to bound time); checkpointed.
     progress: show a tqdm bar.
+    devices: devices of this process to split each batch over (data parallel; see the
+      module docstring); default every local accelerator, or the first CPU device.
+      `batch_size` must be a multiple of their number. The returned state is replicated on
+      them.
 
   Returns:
     `TrainResult(state, history)`.
@@ -270,6 +310,12 @@ def train(model: nn.Module,
   if max_steps is not None:
     total_steps = min(total_steps, checks.check_positive_int(max_steps, 'max_steps'))
   every = checkpoint_every_steps or steps_per_epoch
+  mesh = Mesh(np.array(data_parallel_devices(devices, batch_size)), ('data',))
+  split = NamedSharding(mesh, PartitionSpec('data'))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def global_batch(x):
+    return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
 
   tx = make_optimizer(optimizer, learning_rate, momentum)
   state = init_state(model, tx, images, seed)
@@ -278,6 +324,8 @@ def train(model: nn.Module,
     if ckpt is not None:
       state = restore_checkpoint(ckpt, state)
       logging.info('Resumed from %s (step %d).', ckpt, int(state.step))
+  state = jax.device_put(state, replicated)
+  host_images = np.asarray(images)
   step_fn = make_train_step(model, tx, num_classes=num_classes, loss=loss, seed=seed)
   shuffle_key = jax.random.fold_in(jax.random.key(seed), 0)
 
@@ -298,7 +346,7 @@ def train(model: nn.Module,
       perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n))
       perm_epoch = epoch
     idx = perm[i * batch_size:(i + 1) * batch_size]
-    state, value = step_fn(state, images[idx], jnp.asarray(labels[idx]))
+    state, value = step_fn(state, global_batch(host_images[idx]), global_batch(labels[idx]))
     value = float(value)
     if not np.isfinite(value):
       raise FloatingPointError(
