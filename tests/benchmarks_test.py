@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -125,7 +126,6 @@ def test_deep_layer_benchmark_runs_and_paths_agree(tmp_path):
 
 
 def test_multihost_scaling_benchmark_runs_and_processes_agree(tmp_path, monkeypatch):
-  import pytest  # pylint: disable=g-import-not-at-top
   from jconvrfm._src.kernels import native  # pylint: disable=g-import-not-at-top
   if len(os.sched_getaffinity(0)) < 2:
     pytest.skip('needs two CPU cores (one per process)')

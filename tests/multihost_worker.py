@@ -100,8 +100,8 @@ def main(port: str, process_id: int, out_dir: str):
         native=True)
   # Autodiff path: 4 sample blocks of 3.
   xa, alphaa, metrica = _problem(4, n=6, channels=1, size=6)
-  run('autodiff', pa.predictor_agop_autodiff, patch_kernel_fn=pa.GramKernelOnPatches(_smooth_kernel),
-      x_train=xa, alpha=alphaa, z=xa[:5] * 0.5 + xa[1:] * 0.5, patch_size=3, padding='SAME',
+  run('autodiff', pa.predictor_agop_autodiff,
+      patch_kernel_fn=pa.GramKernelOnPatches(_smooth_kernel), x_train=xa, alpha=alphaa, z=xa[:5] * 0.5 + xa[1:] * 0.5, patch_size=3, padding='SAME',
       metric=metrica, z_block=2)
   # Native kernel matrices, 30 x 30 symmetric and 30 x 20: 4 row chunks, 2 per process.
   if pa.native_lib.available():

@@ -172,3 +172,13 @@ def check_symmetric_psd(m,
     raise ValueError(
         f'`{name}` must be positive semi-definite; its smallest eigenvalue is {eig_min:.3g}.')
   return m
+
+
+def check_devices(devices, name: str = 'devices') -> list:
+  """`devices` as a list: non-empty, jax devices only, none repeated; raises otherwise."""
+  devices = list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise TypeError(f'`{name}` must be a non-empty sequence of jax devices, got {devices!r}.')
+  if len(set(devices)) != len(devices):
+    raise ValueError(f'`{name}` must not repeat a device.')
+  return devices

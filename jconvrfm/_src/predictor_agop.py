@@ -455,7 +455,6 @@ class _DeviceAccumulators:
     self._local = [d.process_index == here for d in self.devices]
     # Where this process's sums are added (the first of its devices in `devices`).
     self.home = self.devices[self._local.index(True)]
-    self.multi_process = not all(self._local)
     self.load = [0.0] * len(self.devices)
     self._inputs = {}
     self.acc = [{} for _ in self.devices]
@@ -469,6 +468,11 @@ class _DeviceAccumulators:
   def local(self, dev: int) -> bool:
     """Whether device `dev` (an index into `devices`) belongs to this process."""
     return self._local[dev]
+
+  def add(self, dev: int, key, part) -> None:
+    """Adds `part` to device `dev`'s running sum `key` (created by the first part)."""
+    acc = self.acc[dev]
+    acc[key] = acc[key] + part if key in acc else part
 
   def put(self, dev: int, key, make):
     """The inputs `make()` under `key` on device `dev`, transferred once."""
@@ -487,9 +491,7 @@ class _DeviceAccumulators:
       total = jax.device_put(zeros(), self.home)
     else:
       total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
-    if self.multi_process:
-      total = processes.sum_over_processes(total, self.devices)
-    return total
+    return processes.sum_over_processes(total, self.devices)   # unchanged in one process
 
 
 def _check_devices(devices) -> list:
@@ -501,20 +503,8 @@ def _check_devices(devices) -> list:
   process (all of them take part in the sums); any list must hold one of this process.
   """
   if devices is None:
-    devices = []
-    for p in range(jax.process_count()):
-      own = [d for d in jax.devices() if d.process_index == p]
-      # Simulated CPU devices (`--xla_force_host_platform_device_count`) share the same
-      # cores, and XLA already splits each fused loop over all of them: on a 2-core CPU an
-      # 800-image AGOP took 14.8 s on two such devices against 14.0 s on one. Each extra
-      # device would also compile the block programs again.
-      devices += own[:1] if own[0].platform == 'cpu' else own
-    return devices
-  devices = list(devices)
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
-  if len(set(devices)) != len(devices):
-    raise ValueError('`devices` must not repeat a device.')
+    return processes.compute_devices(all_processes=True)
+  devices = checks.check_devices(devices)
   owners = {d.process_index for d in devices}
   if jax.process_index() not in owners:
     raise ValueError(
@@ -803,7 +793,7 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
           same, w_acc, coef, work.scratch[dev])
     valid = jax.device_put(np.arange(z0, z0 + zb) < s, work.devices[dev])
     part = _masked_feature_outer_sum(w_acc, coef, tz, valid)
-    work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
+    work.add(dev, 'acc', part)
     if progress is not None:
       progress(min(zb, s - z0))
   acc = work.gather('acc', lambda: jnp.zeros((r, r), tx.dtype))
@@ -976,7 +966,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
                                 u, coef)
     valid = jax.device_put(np.arange(z0, z0 + zb) < s, work.devices[dev])
     part = _masked_outer_sum(u, coef, put(('z', z0), None)[0], valid)
-    work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
+    work.add(dev, 'acc', part)
     if progress is not None:
       progress(min(zb, s - z0))
   acc = work.gather('acc', zero_acc)
@@ -1037,20 +1027,17 @@ def _native_agop_sum(kernel, px, mpx, sqx, alpha, pz, mpz, sqz, idx, progress,
   s_pad = -(-s // chunk) * chunk
   pz, mpz, sqz = (_pad_axis0(a, s_pad) for a in (pz, mpz, sqz))
   zidx = jnp.asarray(np.concatenate([idx[:s], np.full(s_pad - s, -1)]).astype(np.int32))
-  acc = None
   for z0 in range(0, s_pad, chunk):
     z1 = min(z0 + chunk, s)
-    if work.local(work.assign(1.0)):
+    dev = work.assign(1.0)
+    if work.local(dev):
       rows = _native_rows(kernel, pz[z0:z0 + chunk], mpz[z0:z0 + chunk], sqz[z0:z0 + chunk],
                           zidx[z0:z0 + chunk], blocks)
-      part = jnp.sum(rows[:z1 - z0], axis=0)
-      acc = part if acc is None else acc + part
+      work.add(dev, 'acc', jnp.sum(rows[:z1 - z0], axis=0))
+      if progress is not None:
+        jax.block_until_ready(work.acc[dev]['acc'])
     if progress is not None:
-      if acc is not None:
-        jax.block_until_ready(acc)
       progress(z1 - z0)
-  if acc is not None:
-    work.acc[devices.index(work.home)]['acc'] = acc
   return work.gather('acc', lambda: np.zeros((px.shape[-1],) * 2, px.dtype))
 
 
@@ -1145,7 +1132,7 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
         part = _grads_autodiff(patch_kernel_fn, spx_t, alpha_t, pz, root)
         grads = part if grads is None else grads + part
       part = _outer_sum(grads)
-      work.acc[dev]['acc'] = work.acc[dev]['acc'] + part if 'acc' in work.acc[dev] else part
+      work.add(dev, 'acc', part)
     if progress is not None:
       progress(min(zb, s - z0))
   acc = work.gather('acc', lambda: np.zeros((px.shape[-1],) * 2, x_train.dtype))

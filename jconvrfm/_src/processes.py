@@ -4,7 +4,7 @@ In a multi-process run (after `jax.distributed.initialize()`), the library's blo
 (the kernel-predictor AGOP, the native CPU kernel matrices) run the same host loop in every
 process, each process working on its share of the blocks; `sum_over_processes` then adds the
 processes' partial sums, and every process receives the same total. In a single-process run
-it returns its input.
+it returns its input. `compute_devices` is those loops' (and training's) default device list.
 
 References:
   JAX multi-process guide: https://docs.jax.dev/en/latest/multi_process.html (global arrays
@@ -12,12 +12,28 @@ References:
 """
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def compute_devices(all_processes: bool) -> List[jax.Device]:
+  """The default devices of block loops and training: each process's local accelerators, or
+  its first CPU device, for this process or for every process in turn.
+
+  Simulated CPU devices (`--xla_force_host_platform_device_count`) share the same cores, and
+  XLA already splits each fused loop over all of them: on a 2-core CPU an 800-image AGOP took
+  14.8 s on two such devices against 14.0 s on one, and each extra device compiles the
+  programs again.
+  """
+  out = []
+  for p in range(jax.process_count()) if all_processes else [jax.process_index()]:
+    own = [d for d in jax.devices() if d.process_index == p]
+    out += own[:1] if own[0].platform == 'cpu' else own
+  return out
 
 
 def one_device_per_process(devices: Optional[Sequence[jax.Device]] = None

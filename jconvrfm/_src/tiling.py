@@ -329,11 +329,7 @@ def kernel_matrix(kernel_fn: KernelFn,
     raise TypeError(f'`x1` and `x2` must have the same dtype, got {x1.dtype} and {x2.dtype}.')
   if devices is None:
     devices = jax.devices()
-  devices = list(devices)
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
-  if len(set(devices)) != len(devices):
-    raise ValueError('`devices` must not repeat a device.')
+  devices = checks.check_devices(devices)
   multi_process = any(d.process_index != jax.process_index() for d in devices)
   if multi_process and not on_host:
     raise ValueError(

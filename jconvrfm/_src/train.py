@@ -35,6 +35,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jconvrfm._src import checks
+from jconvrfm._src import processes
 
 LOSSES = ('mse', 'cross_entropy')
 OPTIMIZERS = ('adam', 'sgd')
@@ -205,18 +206,12 @@ def data_parallel_devices(devices: Optional[Sequence[jax.Device]] = None,
                           batch_size: Optional[int] = None) -> List[jax.Device]:
   """The devices `train` splits its batches over: `devices` checked, or the default.
 
-  Default: every local device of an accelerator, or the first CPU device (simulated CPU
-  devices share the same cores). Raises `ValueError` when `batch_size` is not a multiple of
+  Default: every local device of an accelerator, or the first CPU device
+  (`processes.compute_devices`). Raises `ValueError` when `batch_size` is not a multiple of
   their number.
   """
-  if devices is None:
-    local = jax.local_devices()
-    devices = local[:1] if local[0].platform == 'cpu' else local
-  devices = list(devices)
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise TypeError(f'`devices` must be a non-empty sequence of jax devices, got {devices!r}.')
-  if len(set(devices)) != len(devices):
-    raise ValueError('`devices` must not repeat a device.')
+  devices = (processes.compute_devices(all_processes=False) if devices is None else
+             checks.check_devices(devices))
   if any(d.process_index != jax.process_index() for d in devices):
     raise ValueError('`devices` must be devices of this process (train runs in one process).')
   if batch_size is not None and batch_size % len(devices):
@@ -224,6 +219,7 @@ def data_parallel_devices(devices: Optional[Sequence[jax.Device]] = None,
         f'`batch_size` ({batch_size}) must be a multiple of the number of devices '
         f'({len(devices)}), over which each batch is split.')
   return devices
+
 
 def train(model: nn.Module,
           images: jax.Array,

@@ -777,6 +777,7 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
     return None
   n1, n2 = x1.shape[0], x2_.shape[0]
   count = jax.process_count() if across_processes else 1
+  me = jax.process_index() if count > 1 else 0
   chunk = -(-n1 // max(_NATIVE_MATRIX_CHUNKS, count))
   total = -(-n1 // chunk)
   x1p = _pad_batch(x1, chunk)
@@ -787,7 +788,7 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
     r0 = c * chunk
     owner = min(range(count), key=lambda i: (load[i], i))
     load[owner] += n2 - r0 if x2 is None else n2
-    if owner == (jax.process_index() if count > 1 else 0):
+    if owner == me:
       first = jnp.asarray(r0 if x2 is None else -1, jnp.int32)
       rows = _native_rows(x1p[r0:r0 + chunk], cols, metric, first, depth=depth, q=q,
                           padding=padding, kind=kind)
