@@ -46,7 +46,7 @@ import json
 import pathlib
 import resource
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -163,53 +163,6 @@ def load_data(spec: str, train_split: str, test_split: str, n_train: int, n_test
 # ----------------------------------------------------------------------------------------------
 # Workdir: config check, resume.
 # ----------------------------------------------------------------------------------------------
-
-
-def prepare_workdir(workdir: Optional[str], config: Dict[str, Any],
-                    prefix: str = 'convrfm_') -> multihost.Workdir:
-  """Creates the workdir and writes config.json, or checks that an existing one matches.
-
-  `workdir=None` creates a fresh temporary folder. In a multi-process run process 0 owns the
-  folder, and every process receives its config.json (so a mismatch fails everywhere).
-  """
-  wd = multihost.Workdir.create(workdir, prefix)
-  config = json.loads(json.dumps(config))  # normalise tuples etc.
-  saved = wd.read_json('config.json')
-  if saved is not None:
-    diff = config_diff(saved, config)
-    if diff:
-      missing = sorted(set(_flatten(config)) - set(_flatten(saved)))
-      older = (f' The saved config.json lacks {missing}: it was written by an older version '
-               'of this binary.' if missing else '')
-      raise ValueError(
-          f'{wd} holds a run with a different configuration (differs in {diff}).{older} '
-          'Use a new --workdir or the same flags to resume.')
-    logging.info('Resuming the run in %s.', wd)
-  else:
-    wd.write_json('config.json', config)
-  return wd
-
-
-def config_diff(old: Dict[str, Any], new: Dict[str, Any],
-                ignore: Sequence[str] = ()) -> List[str]:
-  """Dotted names of the config fields that differ (`'convrfm.rounds'`), except `ignore`d ones.
-
-  Both configs are normalised as JSON (tuples become lists) before comparing.
-  """
-  old, new = (_flatten(json.loads(json.dumps(c))) for c in (old, new))
-  return sorted(k for k in set(old) | set(new)
-                if k not in ignore and old.get(k, None) != new.get(k, None))
-
-
-def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
-  """`{'a': {'b': 1}}` -> `{'a.b': 1}`, so config differences name the nested field."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 def _record_to_arrays(rec: crfm.RoundRecord) -> Dict[str, np.ndarray]:
@@ -458,7 +411,8 @@ def run(values) -> Dict[str, Any]:
   # Validates everything (labels, shapes, NaNs, splits) before the workdir is touched.
   state = crfm.convrfm_init(train.images, train.labels, config=config,
                             num_classes=train.num_classes, **kw)
-  wd = prepare_workdir(values.workdir, dict(data_config(values), convrfm=config._asdict()))
+  wd = multihost.prepare_workdir(
+      values.workdir, dict(data_config(values), convrfm=config._asdict()), prefix='convrfm_')
   logging.info('Writing to %s.', wd)
   load_seconds = time.perf_counter() - start
   state = run_rounds(state, wd, sample_image=np.asarray(state.x_fit[0]))

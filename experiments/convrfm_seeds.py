@@ -187,8 +187,8 @@ def run(values) -> Dict[str, Any]:
                         values.n_test, seeds[0], values.tfds_data_dir, values.manual_dir)
   for protocol in protocols:
     _init(first, base, seeds[0], protocol)
-  wd = exp.prepare_workdir(values.workdir, dict(data_cfg, convrfm=shared),
-                          prefix='convrfm_seeds_')
+  wd = multihost.prepare_workdir(values.workdir, dict(data_cfg, convrfm=shared),
+                                prefix='convrfm_seeds_')
   lines = [json.loads(l) for l in (wd.read_text('runs.jsonl') or '').splitlines() if l.strip()]
   done = {(l['seed'], l['protocol']) for l in lines}
   for seed in seeds:

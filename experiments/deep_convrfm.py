@@ -99,7 +99,7 @@ def _layer0_source(source: str, cfg_dict: Dict[str, Any], n_layers: int) -> mult
     raise ValueError(f'--layer0_from: {src} is not a deep_convrfm workdir (no config.json).')
   if not src.exists('layer0_round_0.npz') or not src.exists('layer0_metrics.jsonl'):
     raise ValueError(f'--layer0_from: {src} has no finished layer-0 round.')
-  diff = exp.config_diff(saved, cfg_dict, ignore=_FILTER_ONLY_KEYS)
+  diff = multihost.config_diff(saved, cfg_dict, ignore=_FILTER_ONLY_KEYS)
   if diff:
     raise ValueError(f'--layer0_from: {src} ran layer 0 with different settings (differs in '
                      f'{diff}); only {list(_FILTER_ONLY_KEYS)} may differ.')
@@ -165,7 +165,7 @@ def run(values) -> Dict[str, Any]:
     cfg_dict['filter_seed'] = values.filter_seed
   layer0_src = (None if values.layer0_from is None else
                 _layer0_source(values.layer0_from, cfg_dict, n_layers))
-  wd = exp.prepare_workdir(values.workdir, cfg_dict, prefix='deep_convrfm_')
+  wd = multihost.prepare_workdir(values.workdir, cfg_dict, prefix='deep_convrfm_')
   logging.info('Writing to %s.', wd)
   if layer0_src is not None and layer0_src.root.resolve() != wd.root.resolve():
     copied = _copy_layer0(layer0_src, wd)

@@ -19,7 +19,8 @@ Single-process runs (the default) read and write directly, with the same atomic 
 
 References:
   JAX multi-process guide: https://docs.jax.dev/en/latest/multi_process.html
-  `jax.experimental.multihost_utils.broadcast_one_to_all`.
+  `jax.experimental.multihost_utils.broadcast_one_to_all` (through
+  `jconvrfm._src.processes.broadcast_bytes`).
 """
 
 import io
@@ -27,13 +28,14 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import flags
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
+
+from jconvrfm._src import processes
 
 
 def define_flags(flag_values: flags.FlagValues):
@@ -84,34 +86,9 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-# Payload kinds of `_broadcast_bytes`.
-_ABSENT, _PRESENT, _ERROR = 0, 1, 2
-
-
-def _bucket(n: int) -> int:
-  """A payload length rounded up to a power of two (at least 64), so that broadcasts of files
-  of similar size share one compiled program."""
-  return max(64, 1 << max(0, n - 1).bit_length())
-
-
-def _broadcast_bytes(kind: int, payload: bytes) -> tuple:
-  """Process 0's `(kind, payload)` in every process (a no-op in a single process)."""
-  if jax.process_count() == 1:
-    return kind, payload
-  header = multihost_utils.broadcast_one_to_all(
-      np.array([kind, len(payload)], np.int32))
-  kind, size = int(header[0]), int(header[1])
-  buf = np.zeros(_bucket(size), np.uint8)
-  if is_writer():
-    buf[:size] = np.frombuffer(payload, np.uint8)
-  data = multihost_utils.broadcast_one_to_all(buf)
-  return kind, np.asarray(data, np.uint8)[:size].tobytes()
-
-
 def broadcast_json(value: Any) -> Any:
   """Process 0's JSON-serialisable `value`, in every process."""
-  payload = json.dumps(value).encode() if is_writer() else b''
-  return json.loads(_broadcast_bytes(_PRESENT, payload)[1].decode())
+  return json.loads(processes.broadcast_bytes(lambda: json.dumps(value).encode()).decode())
 
 
 class Workdir:
@@ -150,19 +127,17 @@ class Workdir:
 
   def read_bytes(self, name: str) -> Optional[bytes]:
     """The file's bytes, or None if it does not exist."""
-    kind, payload = _ABSENT, b''
-    if is_writer():
+    path = self.root / name
+
+    def read():
       try:
-        payload = (self.root / name).read_bytes()
-        kind = _PRESENT
+        return path.read_bytes()
       except FileNotFoundError:
-        pass
-      except OSError as e:
-        kind, payload = _ERROR, f'{type(e).__name__}: {e}'.encode()
-    kind, payload = _broadcast_bytes(kind, payload)
-    if kind == _ERROR:
-      raise OSError(f'Process 0 could not read {self.root / name}: {payload.decode()}')
-    return payload if kind == _PRESENT else None
+        return None
+      except OSError as e:   # named in every process by `broadcast_bytes`
+        raise OSError(f'{path}: {type(e).__name__}: {e}') from e
+
+    return processes.broadcast_bytes(read)
 
   def read_text(self, name: str) -> Optional[str]:
     data = self.read_bytes(name)
@@ -232,3 +207,52 @@ class Workdir:
         self.write_bytes(name, buf.getvalue())
     finally:
       plt.close(fig)
+
+
+def prepare_workdir(workdir: Optional[str], config: Dict[str, Any], prefix: str = 'run_',
+                    ignore: Sequence[str] = ()) -> Workdir:
+  """Creates the workdir and writes config.json, or checks that an existing one matches.
+
+  `workdir=None` creates a fresh temporary folder. In a multi-process run process 0 owns the
+  folder, and every process receives its config.json (so a mismatch fails everywhere).
+  Fields named in `ignore` (dotted, as `config_diff` names them) may differ on a resume,
+  e.g. the number of devices; config.json keeps the first run's values.
+  """
+  wd = Workdir.create(workdir, prefix)
+  config = json.loads(json.dumps(config))  # normalise tuples etc.
+  saved = wd.read_json('config.json')
+  if saved is not None:
+    diff = config_diff(saved, config, ignore)
+    if diff:
+      missing = sorted(set(_flatten(config)) - set(_flatten(saved)))
+      older = (f' The saved config.json lacks {missing}: it was written by an older version '
+               'of this binary.' if missing else '')
+      raise ValueError(
+          f'{wd} holds a run with a different configuration (differs in {diff}).{older} '
+          'Use a new --workdir or the same flags to resume.')
+    logging.info('Resuming the run in %s.', wd)
+  else:
+    wd.write_json('config.json', config)
+  return wd
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any],
+                ignore: Sequence[str] = ()) -> List[str]:
+  """Dotted names of the config fields that differ (`'convrfm.rounds'`), except `ignore`d ones.
+
+  Both configs are normalised as JSON (tuples become lists) before comparing.
+  """
+  old, new = (_flatten(json.loads(json.dumps(c))) for c in (old, new))
+  return sorted(k for k in set(old) | set(new)
+                if k not in ignore and old.get(k, None) != new.get(k, None))
+
+
+def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`, so config differences name the nested field."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out

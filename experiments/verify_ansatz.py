@@ -24,7 +24,11 @@ initial weights) 1.4 minutes, test accuracy 0.948:
 
 On several local accelerators (a TPU VM's chips, a multi-GPU host) every batch is split over
 all of them (data parallel, `jconvrfm._src.train`); `--num_devices=N` takes the first N, and
-`--batch_size` must be a multiple of their number. The binary runs in one process.
+`--batch_size` must be a multiple of their number. On a TPU pod slice start the same command
+on every host with `--distributed` (`experiments/multihost.py`): batches are then split over
+the chips of every host (each host loads the same data and fills its own chips' slices), the
+CNFA report's AGOP chunks are shared out among the hosts, and process 0 alone writes (and,
+for a resume, reads) the workdir.
 
 Myrtle-5 on the CIFAR-10 JPEG test images split 80/20 with a fixed seed:
 
@@ -38,9 +42,8 @@ References:
 
 import dataclasses
 import json
-import pathlib
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from absl import app
 from absl import flags
@@ -50,8 +53,10 @@ import jax
 import numpy as np
 
 import experiments
+from experiments import multihost
 from jconvrfm import models
 from jconvrfm._src import cnfa_report as report_lib
+from jconvrfm._src import processes
 from jconvrfm._src import train as train_lib
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
@@ -115,7 +120,8 @@ def load_data(config: Config):
   return train, test
 
 
-def _bar_chart(records, path: pathlib.Path, title: str) -> None:
+def _bar_chart(records, title: str):
+  """The per-layer bar chart (a matplotlib figure)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -133,8 +139,21 @@ def _bar_chart(records, path: pathlib.Path, title: str) -> None:
   ax.set_title(title)
   ax.legend(fontsize=7, loc='lower left')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def train_devices(num_devices: int) -> Optional[List[jax.Device]]:
+  """The first `num_devices` local devices of every process, or None (train's default) for 0.
+
+  `num_devices` must be in [0, local device count].
+  """
+  if not 0 <= num_devices <= jax.local_device_count():
+    raise ValueError(f'`num_devices` must be in [0, {jax.local_device_count()}] (0: every '
+                     f'local accelerator, or one CPU device), got {num_devices}.')
+  if not num_devices:
+    return None
+  return [d for p in range(jax.process_count())
+          for d in [d for d in jax.devices() if d.process_index == p][:num_devices]]
 
 
 def run(config: Config, workdir, *, train_data=None, test_data=None,
@@ -142,23 +161,23 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
   """Trains, evaluates and writes the CNFA report; returns the results dict.
 
   `train_data`/`test_data` (`jconvrfm.data.Dataset`s) replace loading (tests, notebooks).
+  Bad settings and data fail before the workdir is created. An existing workdir must hold
+  the same configuration (but for `num_devices`); training then resumes from its latest
+  checkpoint. In a multi-process run (`--distributed`) every process calls this; process 0
+  alone writes the workdir.
   """
   if config.model not in MODELS:
     raise ValueError(f'`model` must be one of {sorted(MODELS)}, got {config.model!r}.')
-  if not 0 <= config.num_devices <= jax.local_device_count():
-    raise ValueError(f'`num_devices` must be in [0, {jax.local_device_count()}] (0: every '
-                     f'local accelerator, or one CPU device), got {config.num_devices}.')
-  devices = train_lib.data_parallel_devices(
-      jax.local_devices()[:config.num_devices] if config.num_devices else None,
-      config.batch_size)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(config), indent=2))
+  devices = train_lib.data_parallel_devices(train_devices(config.num_devices),
+                                            config.batch_size)
   if train_data is None:
     t = time.time()
     train_data, test_data = load_data(config)
     logging.info('Loaded %s: train %s, test %s (%.1f s).', config.dataset,
                  train_data.images.shape, test_data.images.shape, time.time() - t)
+  wd = multihost.prepare_workdir(None if workdir is None else str(workdir),
+                                 dataclasses.asdict(config), prefix='verify_ansatz_',
+                                 ignore=('num_devices',))
   nc = int(train_data.num_classes)
   init = (nn.initializers.normal(config.init_scale) if config.init_scale > 0 else
           nn.initializers.lecun_normal())
@@ -172,9 +191,10 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
       learning_rate=config.learning_rate, momentum=config.momentum, loss=config.loss,
       seed=config.seed, eval_images=test_data.images[:n_eval],
       eval_labels=test_data.labels[:n_eval],
-      workdir=workdir, progress=progress, devices=devices)
+      workdir=wd.root, progress=progress, devices=devices)
   train_time = time.time() - t
-  variables = result.state.variables
+  # Each process evaluates its own copy of the (replicated) trained state.
+  variables = processes.local_replica(result.state.variables)
   train_eval = train_lib.evaluate(model, variables, train_data.images, train_data.labels,
                                   num_classes=nc, loss=config.loss)
   test_eval = train_lib.evaluate(model, variables, test_data.images, test_data.labels,
@@ -189,21 +209,23 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
   agop_x = train_data.images[:n_agop]
   t = time.time()
   records = report_lib.cnfa_report(model, variables, agop_x, initial_variables=initial,
-                                   chunk_size=config.chunk_size, generic=config.generic_check)
+                                   chunk_size=config.chunk_size, generic=config.generic_check,
+                                   devices=devices)
   report_time = time.time() - t
-  (workdir / 'cnfa.json').write_text(report_lib.to_json(records))
+  wd.write_text('cnfa.json', report_lib.to_json(records))
   table = report_lib.markdown_table(records)
-  (workdir / 'cnfa.md').write_text(table + '\n')
+  wd.write_text('cnfa.md', table + '\n')
   logging.info('CNFA report (%d AGOP images):\n%s', agop_x.shape[0], table)
-  _bar_chart(records, workdir / 'cnfa.png',
-             f'{config.model} on {config.dataset}: test acc {test_eval["accuracy"]:.3f}')
+  if multihost.is_writer():
+    title = f'{config.model} on {config.dataset}: test acc {test_eval["accuracy"]:.3f}'
+    wd.save_figure('cnfa.png', _bar_chart(records, title), dpi=120)
   results = {'train_accuracy': train_eval['accuracy'], 'test_accuracy': test_eval['accuracy'],
              'test_loss': test_eval['loss'], 'n_train': int(train_data.images.shape[0]),
              'n_test': int(test_data.images.shape[0]), 'n_agop': int(agop_x.shape[0]),
              'train_time_s': train_time, 'report_time_s': report_time,
              'steps': int(result.state.step), 'backend': jax.default_backend(),
-             'train_devices': len(devices)}
-  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+             'train_devices': len(devices), 'processes': jax.process_count()}
+  wd.write_text('results.json', json.dumps(results, indent=2))
   return results
 
 
@@ -230,6 +252,7 @@ _FLAG_HELP = {
                    'accelerator, or one CPU device); batch_size must be a multiple',
 }
 flags.DEFINE_string('workdir', None, 'output directory', required=True)
+multihost.define_flags(flags.FLAGS)
 for _f in dataclasses.fields(Config):
   _default = getattr(_DEFAULTS, _f.name)
   _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
@@ -240,6 +263,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
   del argv
+  multihost.initialize(FLAGS)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data; keep it off GPUs.
   config = Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)})

@@ -237,3 +237,117 @@ def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
       np.testing.assert_array_equal(spread, alone, err_msg=label)
     # The processes' block calls add up to one process's.
     assert sum(calls) == int(r0[f'{label}_alone_calls']), (label, calls)
+
+
+def _run_workers(tmp_path, *mode):
+  """Runs `tests/multihost_worker.py` as processes 0 and 1 (two CPU devices each)."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.multihost_worker', port, str(i), str(tmp_path), *mode],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+  try:
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [l[-3000:] for l in logs]
+
+
+def test_training_and_the_cnfa_agops_on_two_processes_match_one(tmp_path):
+  """Data-parallel training over the devices of two processes, its resume from process 0's
+  checkpoints, and the CNFA report's chunked AGOPs shared out among processes
+  (`tests/multihost_worker.py`, mode `train`)."""
+  _run_workers(tmp_path, 'train')
+  r0, r1 = (dict(np.load(tmp_path / f'train{i}.npz')) for i in (0, 1))
+  # Both processes hold the same results, bit for bit (same global steps, same all-reduces).
+  assert sorted(r0) == sorted(r1)
+  for key in r0:
+    if not key.startswith('devices_') and not key.endswith('_calls'):
+      np.testing.assert_array_equal(r0[key], r1[key], err_msg=key)
+  # The default devices are one CPU device of each process; all4 spans both processes' two.
+  assert len(r0['devices_spread']) == 2 and len(r0['devices_all4']) == 4
+  assert len(r0['devices_alone']) == 1
+  assert set(r0['devices_all4']) == set(r1['devices_all4'])
+  n_leaves = sum(k.startswith('state_alone_') for k in r0)
+  assert n_leaves > 10
+  for label in ('spread', 'all4'):
+    # The same global-batch steps as one device: float32 rounding only (as in train_test).
+    np.testing.assert_allclose(r0[f'loss_{label}'], r0['loss_alone'], rtol=1e-6)
+    np.testing.assert_array_equal(r0[f'eval_{label}'], r0['eval_alone'])
+    for i in range(n_leaves):
+      np.testing.assert_allclose(r0[f'state_{label}_{i}'], r0[f'state_alone_{i}'], rtol=0,
+                                 atol=2e-6, err_msg=label)
+  # Stopped after 4 steps and resumed from process 0's checkpoint: the same run, bitwise.
+  for i in range(n_leaves):
+    np.testing.assert_array_equal(r0[f'state_resumed_{i}'], r0[f'state_spread_{i}'])
+  assert r0['loss_resumed'][-1] == r0['loss_spread'][-1]   # the last epoch, all after the resume
+  assert int(r0['part_step']) == 4
+  assert r0['resumed_history_epochs'].tolist() == [2, 3]
+  # Process 0 alone wrote the workdir; process 1 never created its own.
+  assert (tmp_path / 'workdir' / 'checkpoints').is_dir()
+  assert len((tmp_path / 'workdir' / 'metrics.jsonl').read_text().splitlines()) == 3
+  assert not (tmp_path / 'process1_workdir').exists()
+  # CNFA AGOPs: the same as one process's to float64 rounding; 6 chunks shared out.
+  names = sorted(k[len('agop_alone_'):] for k in r0
+                 if k.startswith('agop_alone_') and not k.endswith('_calls'))
+  assert names == ['conv_0', 'conv_1']
+  for label in ('default', 'all4'):
+    for name in names:
+      got, want = r0[f'agop_{label}_{name}'], r0[f'agop_alone_{name}']
+      assert np.linalg.norm(got - want) <= 1e-12 * np.linalg.norm(want), (label, name)
+    calls = [int(r[f'agop_{label}_calls']) for r in (r0, r1)]
+    assert min(calls) > 0 and sum(calls) == int(r0['agop_alone_calls']) == 6, (label, calls)
+
+
+def test_verify_ansatz_binary_on_two_processes_matches_one(tmp_path):
+  """`verify_ansatz --distributed`: training over both processes' devices and the shared CNFA
+  report give one process's results; process 0 alone writes; a rerun resumes from its
+  checkpoint in both processes, and another configuration fails in both."""
+  from tests.verify_ansatz_test import _tiny  # pylint: disable=g-import-not-at-top
+  train, test = _tiny(32, 0), _tiny(16, 1)
+  npz = tmp_path / 'tiny.npz'
+  np.savez(npz, x_train=train.images, y_train=train.labels, x_test=test.images,
+           y_test=test.labels)
+  settings = dict(model='vanilla', width=4, depth=2, init_scale=0.05, epochs=2, batch_size=8,
+                  learning_rate=1e-2, agop_images=16, chunk_size=4, dataset=f'npz:{npz}',
+                  train_split='train', test_split='test')
+  argv = [f'--{k}={v}' for k, v in settings.items()]
+  # The reference: the binary in one process on two of its devices (the run below: one device
+  # of each of two processes, the same partitioned steps and two-term sums).
+  subprocess.run([sys.executable, '-m', 'experiments.verify_ansatz', *argv, '--num_devices=2',
+                  f'--workdir={tmp_path / "ref"}'], cwd=REPO, check=True, capture_output=True,
+                 env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+                 timeout=300)
+  ref = json.loads((tmp_path / 'ref' / 'results.json').read_text())
+  run_dir, other = tmp_path / 'run', tmp_path / 'process1'
+  codes, logs = _launch('experiments.verify_ansatz', argv, run_dir, other, native=False)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  got = json.loads((run_dir / 'results.json').read_text())
+  assert got['processes'] == 2 and got['train_devices'] == 2   # a CPU device per process
+  assert got['steps'] == ref['steps'] == 8
+  assert got['test_accuracy'] == ref['test_accuracy']
+  assert got['train_accuracy'] == ref['train_accuracy']
+  assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+      p.name for p in (tmp_path / 'ref').iterdir())
+  rep_ref = json.loads((tmp_path / 'ref' / 'cnfa.json').read_text())
+  rep_got = json.loads((run_dir / 'cnfa.json').read_text())
+  assert [l['name'] for l in rep_got] == ['conv_0', 'conv_1']
+  assert rep_got == rep_ref
+
+  # Rerun: both processes resume from process 0's final checkpoint (no step is retrained).
+  metrics = (run_dir / 'metrics.jsonl').read_text()
+  codes, logs = _launch('experiments.verify_ansatz', argv, run_dir, other, native=False)
+  assert codes == [0, 0], [l[-3000:] for l in logs]
+  for log in logs:
+    assert 'Resumed from' in log and '(step 8)' in log, log[-3000:]
+  assert (run_dir / 'metrics.jsonl').read_text() == metrics
+  assert json.loads((run_dir / 'results.json').read_text())['test_accuracy'] == (
+      got['test_accuracy'])
+  # Another configuration in the workdir: refused by every process.
+  codes, logs = _launch('experiments.verify_ansatz', argv + ['--learning_rate=0.1'], run_dir,
+                        other, native=False)
+  assert codes[0] != 0 and codes[1] != 0
+  for log in logs:
+    assert 'holds a run with a different configuration' in log, log[-3000:]

@@ -1,8 +1,8 @@
 """One process of a two-process run of the shared block loops, for `multihost_test.py`.
 
-`python -m tests.multihost_worker PORT PROCESS_ID OUT_DIR` joins a 2-process run (gloo CPU
-collectives; the caller sets two CPU devices per process) and computes, once spread over both
-processes and once in this process alone,
+`python -m tests.multihost_worker PORT PROCESS_ID OUT_DIR [MODE]` joins a 2-process run (gloo
+CPU collectives; the caller sets two CPU devices per process). Mode `agop` (the default)
+computes, once spread over both processes and once in this process alone,
 
 * the same AGOPs through every path of `predictor_agop` (spread: the default devices, and for
   one path every device of both processes; alone: `devices=[a local device]`),
@@ -12,6 +12,14 @@ processes and once in this process alone,
 and writes them to `OUT_DIR/process<ID>.npz`, with the number of block programs this process
 ran for each (counted by wrapping them) and the error that a device list without a device of
 this process raises.
+
+Mode `train` (`train_main`) trains a ResNet with batch norm data parallel over the default
+devices (one per process) and over all four devices of both processes (uninterrupted; and,
+on the default devices, stopped after 4 steps then resumed, with process 0's
+checkpoints in `OUT_DIR/workdir` and process 1 given `OUT_DIR/process1_workdir`, which it
+must not create) and over one device of this process alone, and computes the CNFA report's
+layer AGOPs spread over both processes (the default devices and all four devices) and
+alone, counting the chunk programs each process ran; results in `OUT_DIR/train<ID>.npz`.
 """
 
 import collections
@@ -22,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jconvrfm._src import checks
+from jconvrfm._src import cnfa_report as report_lib
 from jconvrfm._src import predictor_agop as pa
+from jconvrfm._src import train as train_lib
 from jconvrfm._src.kernels import fused
 
 _CALLS = collections.Counter()
@@ -53,10 +63,13 @@ def _problem(seed, n, channels, size=8, classes=3, dtype=np.float64):
   return x, alpha, (f @ f.T / d).astype(dtype)
 
 
-def main(port: str, process_id: int, out_dir: str):
+def main(port: str, process_id: int, out_dir: str, mode: str = 'agop'):
   jax.config.update('jax_enable_x64', True)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'localhost:{port}', 2, process_id)
+  if mode == 'train':
+    train_main(process_id, out_dir)
+    return
   for name in ('_v_hand_written', '_symmetric_pair', '_w_block', '_native_rows',
                '_grads_autodiff'):
     _count(pa, name)
@@ -123,5 +136,59 @@ def main(port: str, process_id: int, out_dir: str):
   np.savez(f'{out_dir}/process{process_id}.npz', **results)
 
 
+def _leaves(prefix, tree):
+  return {f'{prefix}_{i}': np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))}
+
+
+def train_main(process_id: int, out_dir: str):
+  from jconvrfm.models import ResNet, VanillaCNN  # pylint: disable=g-import-not-at-top
+  x = np.asarray(jax.random.normal(jax.random.key(0), (48, 8, 8, 1), jnp.float32))
+  y = (x[:, :4].mean((1, 2, 3)) > x[:, 4:].mean((1, 2, 3))).astype(np.int32)
+  model = ResNet(2, width=4, small_inputs=True, stage_sizes=(1, 1))  # has batch norm
+  kw = dict(num_classes=2, epochs=3, batch_size=16, optimizer='sgd', learning_rate=0.05,
+            seed=3, progress=False, eval_images=x[:20], eval_labels=y[:20])
+  workdir = f'{out_dir}/workdir' if process_id == 0 else f'{out_dir}/process1_workdir'
+  results = {}
+  spread = train_lib.train(model, x, y, **kw)   # default: a CPU device of each process
+  all4 = train_lib.train(model, x, y, devices=jax.devices(), **kw)
+  part = train_lib.train(model, x, y, workdir=workdir, max_steps=4, **kw)
+  resumed = train_lib.train(model, x, y, workdir=workdir, **kw)
+  alone = train_lib.train(model, x, y, devices=jax.local_devices()[:1], **kw)
+  for label, r in (('spread', spread), ('all4', all4), ('resumed', resumed), ('alone', alone)):
+    results.update(_leaves(f'state_{label}', r.state))
+    results[f'loss_{label}'] = np.asarray([h['train_loss'] for h in r.history])
+    results[f'eval_{label}'] = np.asarray([h['eval_accuracy'] for h in r.history])
+    results[f'devices_{label}'] = np.asarray(
+        sorted(d.id for d in jax.tree.leaves(r.state)[0].sharding.device_set))
+  results['part_step'] = np.asarray(int(part.state.step))
+  results['resumed_history_epochs'] = np.asarray([h['epoch'] for h in resumed.history])
+
+  # The CNFA report's AGOPs (float64), chunks counted per process.
+  calls = collections.Counter()
+  make = report_lib._chunk_agops_fn  # pylint: disable=protected-access
+
+  def counting(*args):
+    fn = make(*args)
+
+    def counted(variables, images):
+      calls['chunks'] += 1
+      return fn(variables, images)
+    return counted
+
+  report_lib._chunk_agops_fn = counting  # pylint: disable=protected-access
+  cnn = VanillaCNN(3, width=4, depth=2)
+  xs = np.asarray(jax.random.uniform(jax.random.key(1), (22, 8, 8, 1)), np.float64)
+  variables = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                           cnn.init(jax.random.key(2), xs[:1]))
+  for label, devices in (('default', None), ('all4', jax.devices()),
+                         ('alone', jax.local_devices()[:1])):
+    calls.clear()
+    g = report_lib.layer_agops(cnn, variables, xs, chunk_size=4, devices=devices)
+    for name, a in g.items():
+      results[f'agop_{label}_{name}'] = np.asarray(a)
+    results[f'agop_{label}_calls'] = np.asarray(calls['chunks'])
+  np.savez(f'{out_dir}/train{process_id}.npz', **results)
+
+
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *sys.argv[4:])

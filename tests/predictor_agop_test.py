@@ -257,16 +257,6 @@ def test_blocks_spread_over_devices_give_the_one_device_result(symmetric):
   tolerances.assert_rel_fro(one, want, 1e-6, 'one device vs brute force')
 
 
-def test_device_assignment_balances_work():
-  acc = pa._DeviceAccumulators(jax.devices()[:1] * 1)  # pylint: disable=protected-access
-  assert [acc.assign(1.0) for _ in range(3)] == [0, 0, 0]
-  if len(jax.devices()) < 2:
-    return
-  acc = pa._DeviceAccumulators(jax.devices()[:2])  # pylint: disable=protected-access
-  # Diagonal blocks (cost 0.6) and block pairs (1.0) in the symmetric path's order.
-  assert [acc.assign(c) for c in (0.6, 1.0, 0.6, 1.0, 1.0, 0.6)] == [0, 1, 0, 1, 0, 1]
-
-
 def test_bad_devices_are_rejected():
   x, alpha, z, metric = _problem(11, n=3, s=2, size=5)
   kernel = lambda g, s1, s2: jnp.sum(g, axis=(2, 3))
@@ -275,12 +265,6 @@ def test_bad_devices_are_rejected():
   with pytest.raises(ValueError, match='must not repeat'):
     pa.predictor_agop_from_grams(kernel, x, alpha, z, patch_size=3,
                                  devices=jax.devices()[:1] * 2)
-
-
-def test_default_devices_are_one_cpu_device_or_all_accelerators():
-  got = pa._check_devices(None)  # pylint: disable=protected-access
-  local = jax.local_devices()
-  assert got == (local[:1] if local[0].platform == 'cpu' else local)
 
 
 @pytest.mark.parametrize('n', [1, 50, 128, 129, 200, 250, 800, 832, 1000, 2000, 4001])

@@ -12,7 +12,8 @@ that layer (all logits summed as separate outputs, positions summed, averaged ov
   `G^(1/2)`, at the trained and (if given) the initial weights, and the baseline
   corr(initial CNFM, trained CNFM).
 
-Images are processed in chunks of `chunk_size`, so memory holds at most one chunk's gradients.
+Images are processed in chunks of `chunk_size`, so memory holds at most one chunk's gradients;
+the chunks are spread over the devices of every process (`processes.DeviceAccumulators`).
 
 References:
   D. Beaglehole, A. Radhakrishnan, P. Pandit, M. Belkin. Mechanism of feature learning in
@@ -32,6 +33,7 @@ import numpy as np
 from jconvrfm._src import agop as agop_lib
 from jconvrfm._src import checks
 from jconvrfm._src import cnfa
+from jconvrfm._src import processes
 from jconvrfm._src.models import analysis
 from jconvrfm._src.models import layers
 
@@ -82,7 +84,8 @@ def layer_agops(model: nn.Module,
                 chunk_size: int = 32,
                 layer_names: Optional[Sequence[str]] = None,
                 outputs: Optional[Sequence[int]] = None,
-                generic: bool = False) -> Dict[str, jax.Array]:
+                generic: bool = False,
+                devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, jax.Array]:
   """Patch AGOPs `(d, d)` of the model's logits at every analysed conv layer.
 
   `G = (1/n) sum_x sum_ij sum_o grad_{p_ij} f_o(x) grad_{p_ij} f_o(x)^T`, with the model in
@@ -99,10 +102,16 @@ def layer_agops(model: nn.Module,
     outputs: logit indices summed in the AGOP (default: all logits).
     generic: compute `G` by autodiff through the explicit patch tensors (the model is cloned
       with `generic=True`) instead of the closed form `W Sigma W^T`.
+    devices: devices the chunks are spread over (`processes.DeviceAccumulators`: each chunk
+      to the least loaded device, their sums added); default every local accelerator, or the
+      first CPU device, of every process. Devices of several processes make this a
+      collective (every process calls it with the same arguments; each computes its share of
+      the chunks, and every process receives the same sums); a list of this process's
+      devices computes everything in this process.
 
   Returns:
     `{layer_name: G}`, each `(d, d)` with `d = q*q*c` in Flax kernel order, in the promoted
-    dtype of images and parameters.
+    dtype of images and parameters, on this process's first device in `devices`.
 
   >>> import jax, jax.numpy as jnp
   >>> from jconvrfm.models import VanillaCNN
@@ -114,7 +123,9 @@ def layer_agops(model: nn.Module,
   """
   images = checks.check_nhwc(images, 'images')
   chunk_size = checks.check_positive_int(chunk_size, 'chunk_size')
-  variables = {k: v for k, v in variables.items() if k != layers.PERTURBATIONS}
+  devices = processes.devices_or_default(devices)
+  variables = processes.local_replica(
+      {k: v for k, v in variables.items() if k != layers.PERTURBATIONS})
   names = analysis.analysed_layers(model, variables, images[:1])
   if layer_names is not None:
     unknown = set(layer_names) - set(names)
@@ -126,12 +137,17 @@ def layer_agops(model: nn.Module,
                                 None if outputs is None else tuple(int(o) for o in outputs))
 
   n = images.shape[0]
-  total = None
+  work = processes.DeviceAccumulators(devices)
   for lo, hi in _chunks(n, chunk_size):
-    part = chunk_agops(variables, images[lo:hi])
-    part = {k: v * ((hi - lo) / n) for k, v in part.items()}
-    total = part if total is None else {k: total[k] + part[k] for k in total}
-  return total
+    dev = work.assign(hi - lo)
+    if work.local(dev):   # otherwise another process's chunk
+      part = chunk_agops(work.put(dev, 'variables', lambda: variables),
+                         jax.device_put(images[lo:hi], work.devices[dev]))
+      work.add(dev, 'agop', {k: v * ((hi - lo) / n) for k, v in part.items()})
+  # A process without a chunk (fewer chunks than devices) adds zeros.
+  zeros = lambda: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                               jax.eval_shape(chunk_agops, variables, images[:1]))
+  return work.gather('agop', zeros)
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,7 +200,8 @@ def cnfa_report(model: nn.Module,
                 chunk_size: int = 32,
                 layer_names: Optional[Sequence[str]] = None,
                 outputs: Optional[Sequence[int]] = None,
-                generic: bool = False) -> List[LayerRecord]:
+                generic: bool = False,
+                devices: Optional[Sequence[jax.Device]] = None) -> List[LayerRecord]:
   """Per-layer CNFA report: CNFM vs patch AGOP (and its square root), trained and at init.
 
   Args:
@@ -193,7 +210,8 @@ def cnfa_report(model: nn.Module,
     images: `(n, H, W, c)` images over which the AGOP is averaged.
     initial_variables: the same model's variables at initialisation; adds the at-init measures
       and the baseline corr(initial CNFM, trained CNFM).
-    chunk_size, layer_names, outputs: see `layer_agops`.
+    chunk_size, layer_names, outputs, devices: see `layer_agops` (with devices of several
+      processes every process calls this and receives the same records).
     generic: also compute the generic AGOP (autodiff through explicit patches) at the trained
       weights and record its relative Frobenius distance to the closed form.
 
@@ -208,7 +226,8 @@ def cnfa_report(model: nn.Module,
   >>> [r.name for r in cnfa_report(m, v, x)]
   ['conv_0', 'conv_1']
   """
-  kw = dict(chunk_size=chunk_size, layer_names=layer_names, outputs=outputs)
+  kw = dict(chunk_size=chunk_size, layer_names=layer_names, outputs=outputs, devices=devices)
+  variables = processes.local_replica(variables)
   g_trained = layer_agops(model, variables, images, **kw)
   g_init = (layer_agops(model, initial_variables, images, **kw)
             if initial_variables is not None else None)

@@ -39,7 +39,7 @@ XLA paths.
 
 Every path spreads its work over devices, and over the processes of a multi-host run: each
 process computes its share of the blocks and the sums are added over processes
-(`_DeviceAccumulators`).
+(`processes.DeviceAccumulators`).
 
 Past `FEATURE_MIN_DIM` (patch dimension 64; Deep ConvRFM layers on many feature maps) such a
 kernel's AGOP works on patch features `t = F^T p` with `F F^T = M`
@@ -432,91 +432,6 @@ def _symmetric_pair(kernel, tile_cols: int, px_i: jax.Array, mpx_i: jax.Array,
   return u_i, coef_i, u_j, coef_j, (buf_a, buf_bx)
 
 
-class _DeviceAccumulators:
-  """Per-device running sums of the AGOP's blocks, for spreading block work over devices.
-
-  Work items (block pairs, or sample blocks) are handed to the device with the least work
-  so far (ties: the lower index), in a fixed order, so the assignment and hence the result
-  depend only on the inputs and the devices. Each device keeps its own copies of the inputs it
-  reads and of the accumulators it updates (created on first use); `gather` adds the copies
-  of one accumulator. With one device this is the plain sequential loop. jax dispatches
-  asynchronously, so the devices run concurrently while the host loop hands out the next
-  items.
-
-  Devices of several processes (multi-host, see `_check_devices`): every process runs the
-  same host loop and so makes the same assignment, but works only on the items of its own
-  devices (`local(dev)`); `gather` then adds the processes' sums with one all-reduce
-  (`processes.sum_over_processes`), so every process receives the same total.
-  """
-
-  def __init__(self, devices):
-    self.devices = list(devices)
-    here = jax.process_index()
-    self._local = [d.process_index == here for d in self.devices]
-    # Where this process's sums are added (the first of its devices in `devices`).
-    self.home = self.devices[self._local.index(True)]
-    self.load = [0.0] * len(self.devices)
-    self._inputs = {}
-    self.acc = [{} for _ in self.devices]
-    self.scratch = [None] * len(self.devices)
-
-  def assign(self, cost: float) -> int:
-    dev = min(range(len(self.devices)), key=lambda k: (self.load[k], k))
-    self.load[dev] += cost
-    return dev
-
-  def local(self, dev: int) -> bool:
-    """Whether device `dev` (an index into `devices`) belongs to this process."""
-    return self._local[dev]
-
-  def add(self, dev: int, key, part) -> None:
-    """Adds `part` to device `dev`'s running sum `key` (created by the first part)."""
-    acc = self.acc[dev]
-    acc[key] = acc[key] + part if key in acc else part
-
-  def put(self, dev: int, key, make):
-    """The inputs `make()` under `key` on device `dev`, transferred once."""
-    if (dev, key) not in self._inputs:
-      self._inputs[(dev, key)] = jax.device_put(make(), self.devices[dev])
-    return self._inputs[(dev, key)]
-
-  def gather(self, key, zeros):
-    """Sum over devices of accumulator `key` (a pytree), on `home`; `zeros()` if none.
-
-    With devices of several processes this is a collective: every process must call it, for
-    the same keys in the same order.
-    """
-    parts = [jax.device_put(acc[key], self.home) for acc in self.acc if key in acc]
-    if not parts:
-      total = jax.device_put(zeros(), self.home)
-    else:
-      total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
-    return processes.sum_over_processes(total, self.devices)   # unchanged in one process
-
-
-def _check_devices(devices) -> list:
-  """The AGOP's devices: `devices` checked, or the default.
-
-  Default: in a single-process run, every local device of an accelerator, or the first CPU
-  device; in a multi-process run (after `jax.distributed.initialize()`), the same per process,
-  across all processes. A list that spans several processes must hold a device of every
-  process (all of them take part in the sums); any list must hold one of this process.
-  """
-  if devices is None:
-    return processes.compute_devices(all_processes=True)
-  devices = checks.check_devices(devices)
-  owners = {d.process_index for d in devices}
-  if jax.process_index() not in owners:
-    raise ValueError(
-        f'`devices` must include a device of this process ({jax.process_index()}), got '
-        f'devices of process(es) {sorted(owners)}.')
-  if len(owners) > 1 and owners != set(range(jax.process_count())):
-    raise ValueError(
-        '`devices` that span several processes must include a device of every process '
-        f'(0 .. {jax.process_count() - 1}), got devices of processes {sorted(owners)}.')
-  return devices
-
-
 # Relative cost of a diagonal block (one direction, no training-side self-Gram gradients, one
 # contraction) against an off-diagonal block pair, for balancing devices.
 _DIAGONAL_COST = 0.6
@@ -530,8 +445,8 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
   their reverse pass, so only block pairs `I <= J` are computed: about half the kernel work
   of the one-directional path. Holds `v`'s two parts for all samples (`n * H' * W' *
   classes * (d + 1)` numbers) on every device that works on them. Block pairs are spread
-  over `devices` (`_DeviceAccumulators`). With devices of several processes, each block's two
-  parts are summed over the processes (all-reduces of `n * H' * W' * classes * (d + 1)`
+  over `devices` (`processes.DeviceAccumulators`). With devices of several processes, each
+  block's two parts are summed over the processes (all-reduces of `n * H' * W' * classes * (d + 1)`
   numbers in all: 0.5 GB for 800 images of 42 x 42, 10 classes, d = 9), and every process
   forms the outer sums itself.
   """
@@ -546,7 +461,7 @@ def _symmetric_agop_sum(kernel, px, mpx, sqx, alpha, block: int, progress,
   pairs = [(i, j) for j in range(nb) for i in range(j + 1)]
   reported = 0
   eye = np.eye(block, dtype=bool)
-  work = _DeviceAccumulators(devices)
+  work = processes.DeviceAccumulators(devices)
 
   def inputs(dev, k):
     return work.put(dev, k, lambda: (px[sl[k]], mpx[sl[k]], sqx[sl[k]], alpha[sl[k]]))
@@ -770,7 +685,7 @@ def _feature_agop_sum(kernel, x_train, alpha, z, idx, q, padding, metric, train_
   tile_cols = _hand_tile_cols(zb, tb, h * w)
   use_native = (tx.dtype == jnp.float32 and r % native_lib.LANES == 0 and
                 native_lib.available())
-  work = _DeviceAccumulators(devices)
+  work = processes.DeviceAccumulators(devices)
   for z0 in range(0, s_pad, zb):
     dev = work.assign(1.0)
     if not work.local(dev):   # Another process's sample block.
@@ -894,7 +809,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
       native is not True):
     acc = _feature_agop_sum(kernel_from_grams, x_train, alpha, None if idx is not None else z,
                             idx, q, padding, metric, train_block, z_block, progress,
-                            _check_devices(devices))
+                            processes.devices_or_default(devices))
     return _check_result(acc / z.shape[0], 'kernel predictor AGOP (features path)')
   px = patches_lib.patches(x_train, q, padding=padding)
   n, h, w, d = px.shape
@@ -910,7 +825,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   if _native_applies(kernel_from_grams, x_train.dtype, d, devices, native):
     mpz_all = mpx[idx] if z_indices is not None else _metric_patches(pz_all, metric)[0]
     acc = _native_agop_sum(kernel_from_grams, px, mpx, sqx, alpha, pz_all, mpz_all, sqz_all,
-                           idx, progress, _check_devices(devices))
+                           idx, progress, processes.devices_or_default(devices))
     return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (native path)')
   # A kernel that brings its own reverse pass (the fused CNTK) skips autodiff.
   hand_written = hasattr(kernel_from_grams, 'grads_spatial_leading')
@@ -927,7 +842,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
   pz_all, sqz_all = _pad_axis0(pz_all, s_pad), _pad_axis0(sqz_all, s_pad)
   idx = np.concatenate([idx, np.full(s_pad - s, -1)])
   tile_cols = _hand_tile_cols(zb, tb, h * w)
-  devices = _check_devices(devices)
+  devices = processes.devices_or_default(devices)
   if (hand_written and symmetric and z_indices is not None and s == n and
       np.array_equal(np.sort(idx[:s]), np.arange(n)) and
       n * h * w * classes * (d + 1) <= _SYMMETRIC_MAX_ELEMENTS):
@@ -936,7 +851,7 @@ def predictor_agop_from_grams(kernel_from_grams: GramKernelFn,
     return _check_result(metric @ acc @ metric / s, 'kernel predictor AGOP (fused path)')
   # Sample blocks are independent: each goes to one device, which loops over the training
   # blocks and adds the block's `sum v v^T` to its own running sum.
-  work = _DeviceAccumulators(devices)
+  work = processes.DeviceAccumulators(devices)
   zero_acc = lambda: jnp.zeros((px.shape[-1],) * 2, x_train.dtype)
   for z0 in range(0, s_pad, zb):
     dev = work.assign(1.0)
@@ -987,7 +902,7 @@ def _native_applies(kernel, dtype, patch_dim: int, devices, native: Optional[boo
     reasons.append(f'the dtype is {jnp.dtype(dtype)}, not float32')
   if patch_dim > native_lib.MAX_PATCH_DIM:
     reasons.append(f'the patch dimension {patch_dim} exceeds {native_lib.MAX_PATCH_DIM}')
-  devices = _check_devices(devices)
+  devices = processes.devices_or_default(devices)
   per_process = len(devices) == len({dv.process_index for dv in devices})
   if (not per_process or any(dv.platform != 'cpu' for dv in devices) or
       jax.default_backend() != 'cpu'):
@@ -1021,7 +936,7 @@ def _native_agop_sum(kernel, px, mpx, sqx, alpha, pz, mpz, sqz, idx, progress,
   and their sums added over processes.
   """
   s = pz.shape[0]
-  work = _DeviceAccumulators(devices)
+  work = processes.DeviceAccumulators(devices)
   blocks = jax.jit(native_lib.train_blocks)(px, sqx, alpha)
   chunk = -(-s // max(_NATIVE_CHUNKS, len(devices)))
   s_pad = -(-s // chunk) * chunk
@@ -1120,7 +1035,7 @@ def predictor_agop_autodiff(patch_kernel_fn: PatchKernelFn,
   s = pz_all.shape[0]
   tb, zb = _block_sizes(n, s, h * w, block_elements, train_block, z_block)
   spx = px @ sqrt_metric
-  work = _DeviceAccumulators(_check_devices(devices))
+  work = processes.DeviceAccumulators(processes.devices_or_default(devices))
   for z0 in range(0, s, zb):
     dev = work.assign(1.0)
     if work.local(dev):

@@ -6,14 +6,23 @@ depends only on `(seed, epoch)` so that a resumed run replays the same batches, 
 JSON-lines metrics, and msgpack checkpoints (params, batch stats, optimizer state, step) in an
 explicit `workdir`. A non-finite training loss stops the run with `FloatingPointError`.
 
-Data parallel over `devices` (default: every local accelerator, or the first CPU device):
-each batch is split along a one-axis `Mesh` (`"data"`) and the state is replicated, so the
-one jitted step computes the global-batch loss, its gradients (XLA inserts the all-reduce)
-and the batch-norm statistics over the whole batch, as on one device.
+Data parallel over `devices` (default: every local accelerator, or the first CPU device, of
+every process): each batch is split along a one-axis `Mesh` (`"data"`) and the state is
+replicated, so the one jitted step computes the global-batch loss, its gradients (XLA inserts
+the all-reduce) and the batch-norm statistics over the whole batch, as on one device.
+
+Multi-host (after `jax.distributed.initialize()`, e.g. the hosts of a TPU pod slice): the
+mesh spans the devices of every process. Every process holds the same images, draws the same
+permutation and fills only its own devices' slices of each batch
+(`jax.make_array_from_callback`), so all of them run the same global steps. The workdir
+belongs to process 0: it alone writes checkpoints and metrics, and on a resume it reads the
+latest checkpoint and broadcasts it (`processes.broadcast_bytes`), so hosts need no shared
+filesystem.
 
 References:
   JAX distributed arrays and automatic parallelization:
   https://docs.jax.dev/en/latest/notebooks/Distributed_arrays_and_automatic_parallelization.html
+  JAX multi-process guide: https://docs.jax.dev/en/latest/multi_process.html
 """
 
 import functools
@@ -193,8 +202,22 @@ def latest_checkpoint(workdir: Union[str, os.PathLike]) -> Optional[str]:
 
 def restore_checkpoint(path: Union[str, os.PathLike], template: TrainState) -> TrainState:
   """Restores a `TrainState` saved by `save_checkpoint` into the structure of `template`."""
-  restored = flax.serialization.from_bytes(template._asdict(), pathlib.Path(path).read_bytes())
-  return TrainState(**restored)
+  return _state_from_bytes(pathlib.Path(path).read_bytes(), template)
+
+
+def _state_from_bytes(data: bytes, template: TrainState) -> TrainState:
+  return TrainState(**flax.serialization.from_bytes(template._asdict(), data))
+
+
+def _restore_latest(workdir: Union[str, os.PathLike], template: TrainState
+                    ) -> Optional[TrainState]:
+  """The latest checkpoint in `workdir` (process 0's, in every process), or None."""
+  def read():
+    path = latest_checkpoint(workdir)
+    return None if path is None else pathlib.Path(path).read_bytes()
+
+  data = processes.broadcast_bytes(read)
+  return None if data is None else _state_from_bytes(data, template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,14 +229,12 @@ def data_parallel_devices(devices: Optional[Sequence[jax.Device]] = None,
                           batch_size: Optional[int] = None) -> List[jax.Device]:
   """The devices `train` splits its batches over: `devices` checked, or the default.
 
-  Default: every local device of an accelerator, or the first CPU device
-  (`processes.compute_devices`). Raises `ValueError` when `batch_size` is not a multiple of
-  their number.
+  Default: every local device of an accelerator, or the first CPU device, of every process
+  (`processes.devices_or_default`). A list of this process's devices trains in this process
+  alone; a list that spans processes must hold devices of all of them. Raises `ValueError`
+  when `batch_size` is not a multiple of their number.
   """
-  devices = (processes.compute_devices(all_processes=False) if devices is None else
-             checks.check_devices(devices))
-  if any(d.process_index != jax.process_index() for d in devices):
-    raise ValueError('`devices` must be devices of this process (train runs in one process).')
+  devices = processes.devices_or_default(devices)
   if batch_size is not None and batch_size % len(devices):
     raise ValueError(
         f'`batch_size` ({batch_size}) must be a multiple of the number of devices '
@@ -265,10 +286,12 @@ def train(model: nn.Module,
     checkpoint_every_steps: checkpoint period in steps.
     max_steps: stop after this many total steps (e.g. to bound time); checkpointed.
     progress: show a tqdm bar.
-    devices: devices of this process to split each batch over (data parallel; see the
-      module docstring); default every local accelerator, or the first CPU device.
-      `batch_size` must be a multiple of their number. The returned state is replicated on
-      them.
+    devices: devices to split each batch over (data parallel; see the module docstring);
+      default every local accelerator, or the first CPU device, of every process. Devices of
+      several processes make this a collective: every process calls `train` with the same
+      arguments (its own `workdir` is ignored but for process 0's). `batch_size` must be a
+      multiple of their number. The returned state is replicated on them
+      (`processes.local_replica` gives a process its own copy).
 
   Returns:
     `TrainResult(state, history)`.
@@ -316,10 +339,10 @@ def train(model: nn.Module,
   tx = make_optimizer(optimizer, learning_rate, momentum)
   state = init_state(model, tx, images, seed)
   if workdir is not None:
-    ckpt = latest_checkpoint(workdir)
-    if ckpt is not None:
-      state = restore_checkpoint(ckpt, state)
-      logging.info('Resumed from %s (step %d).', ckpt, int(state.step))
+    restored = _restore_latest(workdir, state)
+    if restored is not None:
+      state = restored
+      logging.info('Resumed from %s (step %d).', checkpoint_dir(workdir), int(state.step))
   state = jax.device_put(state, replicated)
   host_images = np.asarray(images)
   step_fn = make_train_step(model, tx, num_classes=num_classes, loss=loss, seed=seed)
@@ -327,13 +350,15 @@ def train(model: nn.Module,
 
   history = []
   metrics_file = None
-  if workdir is not None:
+  writes = workdir is not None and jax.process_index() == 0   # process 0 owns the workdir
+  if writes:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     metrics_file = pathlib.Path(workdir) / 'metrics.jsonl'
   start = int(state.step)
   epoch_losses: List[float] = []
   t0 = time.time()
-  bar = tqdm.tqdm(total=total_steps, initial=start, disable=not progress, desc='train',
+  bar = tqdm.tqdm(total=total_steps, initial=start, desc='train',
+                  disable=not progress or jax.process_index() != 0,
                   unit='step')
   perm, perm_epoch = None, -1
   for step in range(start, total_steps):
@@ -365,7 +390,7 @@ def train(model: nn.Module,
       if metrics_file is not None:
         with metrics_file.open('a') as f:
           f.write(json.dumps(record) + '\n')
-    if workdir is not None and (done % every == 0 or done == total_steps):
+    if writes and (done % every == 0 or done == total_steps):
       save_checkpoint(workdir, state)
   bar.close()
   return TrainResult(state, history)
