@@ -77,6 +77,31 @@ def test_bad_devices_fail_before_the_workdir_is_made(tmp_path, num_devices, batc
   assert not (tmp_path / 'run').exists()
 
 
+def test_rerun_resumes_and_another_configuration_is_refused(tmp_path):
+  config = verify_ansatz.Config(model='vanilla', width=4, depth=2, init_scale=0.05, epochs=2,
+                                batch_size=8, learning_rate=1e-2, agop_images=8, chunk_size=4)
+  data = dict(train_data=_tiny(32, 0), test_data=_tiny(16, 1), progress=False)
+  first = verify_ansatz.run(config, tmp_path, **data)
+  metrics = (tmp_path / 'metrics.jsonl').read_text()
+  # Another device count may resume (checkpoints hold no device layout): no step is retaken.
+  again = verify_ansatz.run(dataclasses.replace(config, num_devices=2), tmp_path, **data)
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics
+  assert again['steps'] == first['steps'] == 8
+  assert again['test_accuracy'] == first['test_accuracy']
+  assert json.loads((tmp_path / 'config.json').read_text())['num_devices'] == 0
+  with pytest.raises(ValueError, match=r'different configuration \(differs in '
+                     r"\['learning_rate'\]\)"):
+    verify_ansatz.run(dataclasses.replace(config, learning_rate=0.1), tmp_path, **data)
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics
+
+
+def test_unknown_dataset_fails_before_the_workdir_is_made(tmp_path):
+  with pytest.raises(ValueError, match='no_such_dataset'):
+    verify_ansatz.run(verify_ansatz.Config(dataset='no_such_dataset'), tmp_path / 'run',
+                      progress=False)
+  assert not (tmp_path / 'run').exists()
+
+
 def test_mnist_subset(tmp_path, mnist_dir, tfds_cache_dir):
   """The real MNIST path (tfds with the offline files) on a small subset."""
   config = verify_ansatz.Config(model='vanilla', width=8, depth=2, init_scale=0.005,

@@ -30,7 +30,6 @@ References:
 """
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -585,16 +584,15 @@ def convrfm_step(state: ConvRFMState,
   if update_metric:
     s = n_fit if cfg.agop_samples is None else min(cfg.agop_samples, n_fit)
     idx = np.sort(np.random.default_rng(cfg.seed + 1 + t).permutation(n_fit)[:s])
-    cb = None
-    if progress is not None:
-      done = [0]
+    done = [0]
 
-      def cb(k):
-        done[0] += k
-        progress('agop', done[0], s)
+    def report_agop(k):
+      done[0] += k
+      progress('agop', done[0], s)
 
     start = time.perf_counter()
-    agop = _predictor_agop(state, sol.alpha / scale, idx, metric, cb)
+    agop = _predictor_agop(state, sol.alpha / scale, idx, metric,
+                           None if progress is None else report_agop)
     next_metric = metric_from_agop(agop, power=cfg.power, keep_fraction=cfg.keep_fraction)
     jax.block_until_ready(next_metric)
     t_agop = time.perf_counter() - start
