@@ -198,13 +198,12 @@ def test_docstring_example():
   assert doctest.testmod(multihost).failed == 0
 
 
-def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
-  """Every AGOP path, and the native kernel matrices, share their blocks out among
-  processes and all-reduce the sums (`tests/multihost_worker.py`)."""
+def _run_workers(tmp_path, *mode):
+  """Runs `tests/multihost_worker.py` as processes 0 and 1 (two CPU devices each)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'tests.multihost_worker', port, str(i), str(tmp_path)],
+      [sys.executable, '-m', 'tests.multihost_worker', port, str(i), str(tmp_path), *mode],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
   try:
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -213,6 +212,12 @@ def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
       if p.poll() is None:
         p.kill()
   assert [p.returncode for p in procs] == [0, 0], [l[-3000:] for l in logs]
+
+
+def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
+  """Every AGOP path, and the native kernel matrices, share their blocks out among
+  processes and all-reduce the sums (`tests/multihost_worker.py`)."""
+  _run_workers(tmp_path)
   r0, r1 = (dict(np.load(tmp_path / f'process{i}.npz')) for i in (0, 1))
   for r in (r0, r1):
     assert '`devices` must include a device of this process' in str(r['foreign_error'])
@@ -237,22 +242,6 @@ def test_block_loops_on_two_processes_split_the_work_and_match_one(tmp_path):
       np.testing.assert_array_equal(spread, alone, err_msg=label)
     # The processes' block calls add up to one process's.
     assert sum(calls) == int(r0[f'{label}_alone_calls']), (label, calls)
-
-
-def _run_workers(tmp_path, *mode):
-  """Runs `tests/multihost_worker.py` as processes 0 and 1 (two CPU devices each)."""
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'tests.multihost_worker', port, str(i), str(tmp_path), *mode],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
-  try:
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [p.returncode for p in procs] == [0, 0], [l[-3000:] for l in logs]
 
 
 def test_training_and_the_cnfa_agops_on_two_processes_match_one(tmp_path):
