@@ -278,6 +278,9 @@ def test_training_and_the_cnfa_agops_on_two_processes_match_one(tmp_path):
   assert (tmp_path / 'workdir' / 'checkpoints').is_dir()
   assert len((tmp_path / 'workdir' / 'metrics.jsonl').read_text().splitlines()) == 3
   assert not (tmp_path / 'process1_workdir').exists()
+  # Training on one device of its own, each process writes its own workdir.
+  for i in (0, 1):
+    assert (tmp_path / f'alone_workdir{i}' / 'checkpoints' / 'checkpoint_9.msgpack').is_file()
   # CNFA AGOPs: the same as one process's to float64 rounding; 6 chunks shared out.
   names = sorted(k[len('agop_alone_'):] for k in r0
                  if k.startswith('agop_alone_') and not k.endswith('_calls'))
@@ -293,7 +296,8 @@ def test_training_and_the_cnfa_agops_on_two_processes_match_one(tmp_path):
 def test_verify_ansatz_binary_on_two_processes_matches_one(tmp_path):
   """`verify_ansatz --distributed`: training over both processes' devices and the shared CNFA
   report give one process's results; process 0 alone writes; a rerun resumes from its
-  checkpoint in both processes, and another configuration fails in both."""
+  checkpoint in both processes. (Another configuration fails in every process: the shared
+  `multihost.prepare_workdir`, tested with the convrfm binary above.)"""
   from tests.verify_ansatz_test import _tiny  # pylint: disable=g-import-not-at-top
   train, test = _tiny(32, 0), _tiny(16, 1)
   npz = tmp_path / 'tiny.npz'
@@ -334,9 +338,3 @@ def test_verify_ansatz_binary_on_two_processes_matches_one(tmp_path):
   assert (run_dir / 'metrics.jsonl').read_text() == metrics
   assert json.loads((run_dir / 'results.json').read_text())['test_accuracy'] == (
       got['test_accuracy'])
-  # Another configuration in the workdir: refused by every process.
-  codes, logs = _launch('experiments.verify_ansatz', argv + ['--learning_rate=0.1'], run_dir,
-                        other, native=False)
-  assert codes[0] != 0 and codes[1] != 0
-  for log in logs:
-    assert 'holds a run with a different configuration' in log, log[-3000:]

@@ -17,7 +17,8 @@ Mode `train` (`train_main`) trains a ResNet with batch norm data parallel over t
 devices (one per process) and over all four devices of both processes (uninterrupted; and,
 on the default devices, stopped after 4 steps then resumed, with process 0's
 checkpoints in `OUT_DIR/workdir` and process 1 given `OUT_DIR/process1_workdir`, which it
-must not create) and over one device of this process alone, and computes the CNFA report's
+must not create) and over one device of this process alone (in `OUT_DIR/alone_workdir<ID>`),
+and computes the CNFA report's
 layer AGOPs spread over both processes (the default devices and all four devices) and
 alone, counting the chunk programs each process ran; results in `OUT_DIR/train<ID>.npz`.
 """
@@ -153,7 +154,9 @@ def train_main(process_id: int, out_dir: str):
   all4 = train_lib.train(model, x, y, devices=jax.devices(), **kw)
   part = train_lib.train(model, x, y, workdir=workdir, max_steps=4, **kw)
   resumed = train_lib.train(model, x, y, workdir=workdir, **kw)
-  alone = train_lib.train(model, x, y, devices=jax.local_devices()[:1], **kw)
+  # One device of this process: a run of its own, in a workdir of its own.
+  alone = train_lib.train(model, x, y, devices=jax.local_devices()[:1],
+                          workdir=f'{out_dir}/alone_workdir{process_id}', **kw)
   for label, r in (('spread', spread), ('all4', all4), ('resumed', resumed), ('alone', alone)):
     results.update(_leaves(f'state_{label}', r.state))
     results[f'loss_{label}'] = np.asarray([h['train_loss'] for h in r.history])

@@ -209,14 +209,14 @@ def _state_from_bytes(data: bytes, template: TrainState) -> TrainState:
   return TrainState(**flax.serialization.from_bytes(template._asdict(), data))
 
 
-def _restore_latest(workdir: Union[str, os.PathLike], template: TrainState
-                    ) -> Optional[TrainState]:
-  """The latest checkpoint in `workdir` (process 0's, in every process), or None."""
+def _restore_latest(workdir: Union[str, os.PathLike], template: TrainState,
+                    shared: bool) -> Optional[TrainState]:
+  """The latest checkpoint in `workdir`, or None; `shared`: process 0's, in every process."""
   def read():
     path = latest_checkpoint(workdir)
     return None if path is None else pathlib.Path(path).read_bytes()
 
-  data = processes.broadcast_bytes(read)
+  data = processes.broadcast_bytes(read) if shared else read()
   return None if data is None else _state_from_bytes(data, template)
 
 
@@ -289,8 +289,9 @@ def train(model: nn.Module,
     devices: devices to split each batch over (data parallel; see the module docstring);
       default every local accelerator, or the first CPU device, of every process. Devices of
       several processes make this a collective: every process calls `train` with the same
-      arguments (its own `workdir` is ignored but for process 0's). `batch_size` must be a
-      multiple of their number. The returned state is replicated on them
+      arguments (its own `workdir` is ignored but for process 0's); devices of this process
+      alone train here, with this process's `workdir`. `batch_size` must be a multiple of
+      their number. The returned state is replicated on them
       (`processes.local_replica` gives a process its own copy).
 
   Returns:
@@ -329,7 +330,11 @@ def train(model: nn.Module,
   if max_steps is not None:
     total_steps = min(total_steps, checks.check_positive_int(max_steps, 'max_steps'))
   every = checkpoint_every_steps or steps_per_epoch
-  mesh = Mesh(np.array(data_parallel_devices(devices, batch_size)), ('data',))
+  devices = data_parallel_devices(devices, batch_size)
+  # Over several processes: a collective run whose workdir belongs to process 0.
+  shared = len({d.process_index for d in devices}) > 1
+  owner = not shared or jax.process_index() == 0
+  mesh = Mesh(np.array(devices), ('data',))
   split = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -339,7 +344,7 @@ def train(model: nn.Module,
   tx = make_optimizer(optimizer, learning_rate, momentum)
   state = init_state(model, tx, images, seed)
   if workdir is not None:
-    restored = _restore_latest(workdir, state)
+    restored = _restore_latest(workdir, state, shared)
     if restored is not None:
       state = restored
       logging.info('Resumed from %s (step %d).', checkpoint_dir(workdir), int(state.step))
@@ -350,7 +355,7 @@ def train(model: nn.Module,
 
   history = []
   metrics_file = None
-  writes = workdir is not None and jax.process_index() == 0   # process 0 owns the workdir
+  writes = workdir is not None and owner
   if writes:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     metrics_file = pathlib.Path(workdir) / 'metrics.jsonl'
@@ -358,7 +363,7 @@ def train(model: nn.Module,
   epoch_losses: List[float] = []
   t0 = time.time()
   bar = tqdm.tqdm(total=total_steps, initial=start, desc='train',
-                  disable=not progress or jax.process_index() != 0,
+                  disable=not progress or not owner,
                   unit='step')
   perm, perm_epoch = None, -1
   for step in range(start, total_steps):
