@@ -193,12 +193,15 @@ def run(config: Config, workdir, *, train_data=None, test_data=None,
       eval_labels=test_data.labels[:n_eval],
       workdir=wd.root, progress=progress, devices=devices)
   train_time = time.time() - t
-  # Each process evaluates its own copy of the (replicated) trained state.
+  # Evaluation splits its batches over the training devices; the report's chunks go to
+  # them from each process's own copy of the (replicated) trained state.
+  train_eval = train_lib.evaluate(model, result.state.variables, train_data.images,
+                                  train_data.labels, num_classes=nc, loss=config.loss,
+                                  devices=devices)
+  test_eval = train_lib.evaluate(model, result.state.variables, test_data.images,
+                                 test_data.labels, num_classes=nc, loss=config.loss,
+                                 devices=devices)
   variables = processes.local_replica(result.state.variables)
-  train_eval = train_lib.evaluate(model, variables, train_data.images, train_data.labels,
-                                  num_classes=nc, loss=config.loss)
-  test_eval = train_lib.evaluate(model, variables, test_data.images, test_data.labels,
-                                 num_classes=nc, loss=config.loss)
   logging.info('train accuracy %.4f, test accuracy %.4f', train_eval['accuracy'],
                test_eval['accuracy'])
 

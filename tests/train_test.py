@@ -107,6 +107,39 @@ def test_evaluate_matches_direct_computation():
   assert ev['loss'] == pytest.approx(np.mean((logits - onehot)**2), rel=1e-5)
 
 
+@pytest.mark.parametrize('loss', ['mse', 'cross_entropy'])
+def test_evaluate_split_over_devices_matches_one_device(loss):
+  """20 images in batches of 7 over 4 devices: batches of 8, the last padded with 4 rows that
+  must not count; against the direct float64 computation."""
+  x, y = _problem(20)
+  model = VanillaCNN(2, width=4, depth=1)
+  v = model.init(jax.random.key(0), x[:1])
+  logits = np.asarray(model.apply(v, x), np.float64)
+  onehot = np.eye(2)[np.asarray(y)]
+  if loss == 'mse':
+    want = np.mean((logits - onehot)**2)
+  else:
+    shifted = logits - logits.max(1, keepdims=True)
+    want = np.mean(np.log(np.exp(shifted).sum(1)) - (shifted * onehot).sum(1))
+  for devices in (None, jax.devices()[:1], jax.devices()):
+    ev = train_lib.evaluate(model, v, x, y, num_classes=2, loss=loss, batch_size=7,
+                            devices=devices)
+    assert ev['accuracy'] == np.mean(logits.argmax(1) == np.asarray(y))
+    assert ev['loss'] == pytest.approx(want, rel=1e-5)
+
+
+def test_evaluate_bad_arguments():
+  x, y = _problem(8)
+  model = VanillaCNN(2, width=4, depth=1)
+  v = model.init(jax.random.key(0), x[:1])
+  with pytest.raises(ValueError, match='`labels` must have shape'):
+    train_lib.evaluate(model, v, x, y[:5], num_classes=2)
+  with pytest.raises(ValueError, match='`loss` must be one of'):
+    train_lib.evaluate(model, v, x, y, num_classes=2, loss='hinge')
+  with pytest.raises(ValueError, match='batch_size'):
+    train_lib.evaluate(model, v, x, y, num_classes=2, batch_size=0)
+
+
 def test_data_parallel_over_two_devices_matches_one_device():
   x, y = _problem()
   model = ResNet(2, width=4, small_inputs=True, stage_sizes=(1, 1))  # has batch norm

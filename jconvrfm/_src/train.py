@@ -10,6 +10,7 @@ Data parallel over `devices` (default: every local accelerator, or the first CPU
 every process): each batch is split along a one-axis `Mesh` (`"data"`) and the state is
 replicated, so the one jitted step computes the global-batch loss, its gradients (XLA inserts
 the all-reduce) and the batch-norm statistics over the whole batch, as on one device.
+`evaluate(devices=...)` splits its batches over the same devices.
 
 Multi-host (after `jax.distributed.initialize()`, e.g. the hosts of a TPU pod slice): the
 mesh spans the devices of every process. Every process holds the same images, draws the same
@@ -147,25 +148,68 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_apply(model: nn.Module):
-  """One compiled inference function per model (Flax modules hash by their fields)."""
-  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+def _eval_sums(model: nn.Module, num_classes: int, loss: str):
+  """One jitted `(variables, images, labels, weights) -> (correct, loss sum)` per model and
+  loss (Flax modules hash by their fields): weighted sums over the batch, so padded rows
+  (weight 0) do not count."""
+  if loss not in LOSSES:
+    raise ValueError(f'`loss` must be one of {LOSSES}, got {loss!r}.')
+
+  @jax.jit
+  def sums(variables, x, y, w):
+    logits = model.apply(variables, x, train=False)
+    onehot = jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
+    if loss == 'mse':   # per example: the mean over classes (`loss_value` averages it over n)
+      per_example = jnp.mean((logits - onehot)**2, axis=-1)
+    else:
+      per_example = optax.softmax_cross_entropy(logits, onehot)
+    hits = (jnp.argmax(logits, -1) == y).astype(w.dtype)
+    return jnp.sum(w * hits), jnp.sum(w * per_example.astype(w.dtype))
+
+  return sums
 
 
 def evaluate(model: nn.Module, variables: Dict[str, Any], images: jax.Array,
              labels: jax.Array, *, num_classes: int, loss: str = 'cross_entropy',
-             batch_size: int = 500) -> Dict[str, float]:
-  """Accuracy and mean loss of `model` (inference mode) on `images (n, H, W, c)`, `labels (n,)`."""
+             batch_size: int = 500,
+             devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, float]:
+  """Accuracy and mean loss of `model` (inference mode) on `images (n, H, W, c)`, `labels (n,)`.
+
+  Batches of `batch_size` images; the loss is `loss_value`'s, averaged over all images.
+  With `devices` (as `train`'s, e.g. the devices a trained state is replicated on; several
+  processes make this a collective), each batch is split over them, padded to a multiple of
+  their number with rows that do not count; without, it runs where jax puts `variables`.
+  """
   images = checks.check_nhwc(images, 'images')
   labels = np.asarray(labels)
-  apply = _jitted_apply(model)
-  correct, total_loss = 0, 0.0
-  for i in range(0, images.shape[0], batch_size):
-    logits = apply(variables, images[i:i + batch_size])
-    y = jnp.asarray(labels[i:i + batch_size])
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == y))
-    total_loss += float(loss_value(logits, y, num_classes, loss)) * y.shape[0]
+  if labels.shape != (images.shape[0],):
+    raise ValueError(f'`labels` must have shape ({images.shape[0]},), got {labels.shape}.')
+  batch_size = checks.check_positive_int(batch_size, 'batch_size')
+  sums = _eval_sums(model, num_classes, loss)
+  host_images = np.asarray(images)
   n = images.shape[0]
+  if devices is None:
+    put = lambda x: x
+    b = batch_size
+  else:
+    devices = processes.devices_or_default(devices)
+    mesh = Mesh(np.array(devices), ('data',))
+    split = NamedSharding(mesh, PartitionSpec('data'))
+    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    put = lambda x: jax.make_array_from_callback(x.shape, split, lambda index: x[index])
+    b = -(-batch_size // len(devices)) * len(devices)
+  correct, total_loss = 0.0, 0.0
+  for i in range(0, n, b):
+    x, y = host_images[i:i + b], labels[i:i + b].astype(np.int32)
+    w = np.ones(x.shape[0], np.float32)
+    if devices is not None and x.shape[0] < b:   # pad the last batch; its padding weighs 0
+      pad = b - x.shape[0]
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      w = np.concatenate([w, np.zeros(pad, w.dtype)])
+    c, l = sums(variables, put(x), put(y), put(w))
+    correct += float(c)
+    total_loss += float(l)
   return {'accuracy': correct / n, 'loss': total_loss / n}
 
 
@@ -388,7 +432,7 @@ def train(model: nn.Module,
       epoch_losses = []
       if eval_images is not None:
         ev = evaluate(model, state.variables, eval_images, eval_labels,
-                      num_classes=num_classes, loss=loss)
+                      num_classes=num_classes, loss=loss, devices=devices)
         record.update(eval_accuracy=ev['accuracy'], eval_loss=ev['loss'])
       logging.info('epoch %d: %s', record['epoch'], record)
       history.append(record)
