@@ -11,7 +11,8 @@ read (a checkpoint, a config file), so hosts need not share a filesystem.
 
 References:
   JAX multi-process guide: https://docs.jax.dev/en/latest/multi_process.html (global arrays
-  from per-process data, `jax.make_array_from_single_device_arrays`).
+  from per-process data, `jax.make_array_from_single_device_arrays`;
+  `jax.experimental.multihost_utils.broadcast_one_to_all`).
 """
 
 import functools
