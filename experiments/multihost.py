@@ -5,8 +5,9 @@ with `--distributed`. Kernel matrices are then computed on every chip of every h
 (`jconvrfm.kernel_matrix` over `jax.devices()`, or on CPUs the native kernel's row chunks
 shared out among the hosts), and so are the AGOPs (each host computes its share of the
 blocks; the sums are all-reduced); `verify_ansatz` trains data parallel over every chip of
-every host and shares out its CNFA report's AGOP chunks. Everything else (solves,
-featurising, evaluation) runs redundantly on identical inputs in every process.
+every host, evaluates over the same chips, and shares out its CNFA report's AGOP chunks.
+Everything else (data loading, solves, featurising) runs redundantly on identical inputs in
+every process.
 
 The workdir belongs to process 0. It alone creates, reads and writes files there; what it
 reads (`config.json`, finished rounds, sampled filters) is broadcast to the other processes.

@@ -152,8 +152,7 @@ def train_devices(num_devices: int) -> Optional[List[jax.Device]]:
                      f'local accelerator, or one CPU device), got {num_devices}.')
   if not num_devices:
     return None
-  return [d for p in range(jax.process_count())
-          for d in [d for d in jax.devices() if d.process_index == p][:num_devices]]
+  return [d for own in processes.devices_by_process() for d in own[:num_devices]]
 
 
 def run(config: Config, workdir, *, train_data=None, test_data=None,

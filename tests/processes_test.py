@@ -25,12 +25,12 @@ def test_sum_over_one_process_is_the_identity():
 def test_compute_devices_are_the_first_cpu_device_or_every_local_accelerator():
   local = jax.local_devices()
   want = local[:1] if local[0].platform == 'cpu' else local
-  assert processes.compute_devices(all_processes=False) == want
-  assert processes.compute_devices(all_processes=True) == want   # one process
+  assert processes.compute_devices() == want   # one process
+  assert processes.devices_by_process() == [jax.devices()]
 
 
 def test_devices_or_default_checks_the_list_and_defaults_to_compute_devices():
-  assert processes.devices_or_default(None) == processes.compute_devices(all_processes=True)
+  assert processes.devices_or_default(None) == processes.compute_devices()
   local = jax.local_devices()
   assert processes.devices_or_default(tuple(local[::-1])) == local[::-1]
   with pytest.raises(TypeError, match='`devices`'):

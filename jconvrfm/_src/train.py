@@ -101,11 +101,17 @@ def loss_value(logits: jax.Array, labels: jax.Array, num_classes: int, loss: str
     loss: `'mse'` (mean over examples and classes of `(logit - onehot)^2`, torch's
       `MSELoss`) or `'cross_entropy'` (softmax cross-entropy, mean over examples).
   """
+  return jnp.mean(_per_example_loss(logits, labels, num_classes, loss))
+
+
+def _per_example_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+                      loss: str) -> jax.Array:
+  """`(n,)` losses whose mean is `loss_value` (for MSE, each example's mean over classes)."""
   onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   if loss == 'mse':
-    return jnp.mean((logits - onehot)**2)
+    return jnp.mean((logits - onehot)**2, axis=-1)
   if loss == 'cross_entropy':
-    return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
+    return optax.softmax_cross_entropy(logits, onehot)
   raise ValueError(f'`loss` must be one of {LOSSES}, got {loss!r}.')
 
 
@@ -152,17 +158,11 @@ def _eval_sums(model: nn.Module, num_classes: int, loss: str):
   """One jitted `(variables, images, labels, weights) -> (correct, loss sum)` per model and
   loss (Flax modules hash by their fields): weighted sums over the batch, so padded rows
   (weight 0) do not count."""
-  if loss not in LOSSES:
-    raise ValueError(f'`loss` must be one of {LOSSES}, got {loss!r}.')
 
   @jax.jit
   def sums(variables, x, y, w):
     logits = model.apply(variables, x, train=False)
-    onehot = jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
-    if loss == 'mse':   # per example: the mean over classes (`loss_value` averages it over n)
-      per_example = jnp.mean((logits - onehot)**2, axis=-1)
-    else:
-      per_example = optax.softmax_cross_entropy(logits, onehot)
+    per_example = _per_example_loss(logits, y, num_classes, loss)
     hits = (jnp.argmax(logits, -1) == y).astype(w.dtype)
     return jnp.sum(w * hits), jnp.sum(w * per_example.astype(w.dtype))
 
@@ -193,10 +193,8 @@ def evaluate(model: nn.Module, variables: Dict[str, Any], images: jax.Array,
     b = batch_size
   else:
     devices = processes.devices_or_default(devices)
-    mesh = Mesh(np.array(devices), ('data',))
-    split = NamedSharding(mesh, PartitionSpec('data'))
-    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-    put = lambda x: jax.make_array_from_callback(x.shape, split, lambda index: x[index])
+    replicated, put = _data_parallel(devices)
+    variables = jax.device_put(variables, replicated)
     b = -(-batch_size // len(devices)) * len(devices)
   correct, total_loss = 0.0, 0.0
   for i in range(0, n, b):
@@ -267,6 +265,16 @@ def _restore_latest(workdir: Union[str, os.PathLike], template: TrainState,
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+
+
+def _data_parallel(devices: Sequence[jax.Device]):
+  """`(replicated, split)` for a one-axis `"data"` mesh over `devices`: the sharding of a
+  replicated state, and a function taking a host batch (the same in every process) to a
+  global array split along its first axis (each process fills its own devices' slices)."""
+  mesh = Mesh(np.array(devices), ('data',))
+  split = NamedSharding(mesh, PartitionSpec('data'))
+  return (NamedSharding(mesh, PartitionSpec()),
+          lambda x: jax.make_array_from_callback(x.shape, split, lambda index: x[index]))
 
 
 def data_parallel_devices(devices: Optional[Sequence[jax.Device]] = None,
@@ -378,12 +386,7 @@ def train(model: nn.Module,
   # Over several processes: a collective run whose workdir belongs to process 0.
   shared = len({d.process_index for d in devices}) > 1
   owner = not shared or jax.process_index() == 0
-  mesh = Mesh(np.array(devices), ('data',))
-  split = NamedSharding(mesh, PartitionSpec('data'))
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def global_batch(x):
-    return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
+  replicated, global_batch = _data_parallel(devices)
 
   tx = make_optimizer(optimizer, learning_rate, momentum)
   state = init_state(model, tx, images, seed)

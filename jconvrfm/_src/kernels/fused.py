@@ -776,27 +776,25 @@ def native_kernel_matrix(x1, x2, metric, depth, q, padding, kind, progress=None,
   if not _native_applies(x1, x2_, metric, q, padding):
     return None
   n1, n2 = x1.shape[0], x2_.shape[0]
-  count = jax.process_count() if across_processes else 1
-  me = jax.process_index() if count > 1 else 0
-  chunk = -(-n1 // max(_NATIVE_MATRIX_CHUNKS, count))
+  # Row chunks go to processes (one device each) by the block loops' least-loaded rule; the
+  # matrix is filled in place, so only the assignment is used.
+  work = processes.DeviceAccumulators(
+      processes.one_device_per_process() if across_processes else jax.local_devices()[:1])
+  chunk = -(-n1 // max(_NATIVE_MATRIX_CHUNKS, len(work.devices)))
   total = -(-n1 // chunk)
   x1p = _pad_batch(x1, chunk)
   cols = native.columns(x2_, metric, q, padding)
   k = np.zeros((total * chunk, n2), np.float32)
-  load = [0] * count
   for c in range(total):
     r0 = c * chunk
-    owner = min(range(count), key=lambda i: (load[i], i))
-    load[owner] += n2 - r0 if x2 is None else n2
-    if owner == me:
+    if work.local(work.assign(n2 - r0 if x2 is None else n2)):
       first = jnp.asarray(r0 if x2 is None else -1, jnp.int32)
       rows = _native_rows(x1p[r0:r0 + chunk], cols, metric, first, depth=depth, q=q,
                           padding=padding, kind=kind)
       k[r0:r0 + chunk] = np.asarray(rows)[:, :n2]
     if progress is not None:
       progress(c + 1, total)
-  if count > 1:
-    k = np.asarray(processes.sum_over_processes(k))
+  k = np.asarray(processes.sum_over_processes(k, work.devices))   # k itself in one process
   k = k[:n1]
   return _mirror_upper(k) if x2 is None else k
 
